@@ -1,0 +1,1 @@
+"""gkd: on-policy knowledge distillation (GKD) from the command line."""

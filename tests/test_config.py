@@ -1,0 +1,112 @@
+"""gkd-train's flags: ms-swift names and defaults, YAML config with command-line override, refusals."""
+
+import pytest
+
+from gkd.config import parse_config
+from gkd.errors import GKDUserError
+
+REQUIRED = ["--model", "s", "--teacher_model", "t", "--dataset", "d.jsonl"]
+
+
+def parse(tmp_path, *flags):
+    return parse_config([*REQUIRED, "--output_dir", str(tmp_path / "out"), *flags])
+
+
+def test_defaults_follow_ms_swift(tmp_path):
+    config = parse(tmp_path)
+    assert (config.gkd.beta, config.gkd.lmbda, config.gkd.seq_kd) == (0.5, 0.5, False)
+    assert (config.gkd.temperature, config.gkd.loss_temperature, config.gkd.sft_alpha) == (0.9, 1.0, 0.0)
+    assert config.gkd.max_completion_length == 512
+    assert config.data.truncation_strategy == "delete"
+    assert config.tuner.tuner_type == "full"
+    assert config.model.trust_remote_code is False
+
+
+def test_swift_spellings_parse(tmp_path):
+    config = parse(tmp_path, "--rlhf_type", "gkd", "--seq_kd", "true", "--max_new_tokens", "64",
+                   "--dataset", "a.jsonl", "b#10", "--gradient_accumulation_steps", "4")
+    assert config.gkd.seq_kd is True
+    assert config.gkd.max_completion_length == 64
+    assert config.data.dataset == ["a.jsonl", "b#10"]
+    assert config.training.gradient_accumulation_steps == 4
+
+
+def test_yaml_config_and_command_line_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: s\nteacher_model: t\ndataset: [x.jsonl, y.jsonl]\nbeta: 0.2\nlmbda: 1\n"
+        "learning_rate: 1e-5\nseq_kd: true\nmax_new_tokens: 16\n"
+    )
+    config = parse_config(["--config", str(path), "--output_dir", str(tmp_path / "o"), "--beta", "0.7"])
+    assert config.gkd.beta == 0.7  # the command line wins
+    assert config.gkd.lmbda == 1.0
+    assert config.data.dataset == ["x.jsonl", "y.jsonl"]
+    assert config.training.learning_rate == pytest.approx(1e-5)
+    assert config.gkd.seq_kd is True
+    assert config.gkd.max_completion_length == 16
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--beta", "1.5"], "--beta 1.5: must be in [0, 1]"),
+        (["--lmbda", "-0.1"], "--lmbda -0.1: must be in [0, 1]"),
+        (["--temperature", "0"], "--temperature 0.0: must be in (0, inf]"),
+        (["--loss_temperature", "-1"], "--loss_temperature -1.0: must be in (0, inf]"),
+        (["--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
+        (["--top_k", "0"], "--top_k 0: must be in [1, inf]"),
+        (["--max_completion_length", "0"], "--max_completion_length 0: must be in [1, inf]"),
+        (["--sft_alpha", "-1"], "--sft_alpha -1.0: must be in [0, inf]"),
+        (["--rlhf_type", "dpo"], "--rlhf_type dpo: gkd-train only does 'gkd'"),
+        (["--beta", "abc"], "argument --beta: invalid float value: 'abc'"),
+        (["--truncation_strategy", "middle"], "invalid choice: 'middle'"),
+        (["--tuner_type", "lora", "--lora_rank", "0"], "--lora_rank 0: must be in [1, inf]"),
+        (["--lmbda", "1", "--sft_alpha", "0.5"], "--sft_alpha 0.5 has no effect with --lmbda 1"),
+        (["--resume_from_checkpoint", "/no/such/checkpoint"], "no such checkpoint folder"),
+    ],
+)
+def test_bad_values_are_refused_with_the_flag_named(tmp_path, flags, expected):
+    with pytest.raises(GKDUserError) as error:
+        parse(tmp_path, *flags)
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("missing", ["--model", "--teacher_model", "--dataset"])
+def test_required_flags(tmp_path, missing):
+    flags = list(REQUIRED)
+    index = flags.index(missing)
+    del flags[index : index + 2]
+    with pytest.raises(GKDUserError, match=f"{missing} is required"):
+        parse_config([*flags, "--output_dir", str(tmp_path / "o")])
+
+
+def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(GKDUserError, match="not empty"):
+        parse(tmp_path)
+    assert parse(tmp_path, "--overwrite_output_dir", "true").gkd.overwrite_output_dir
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model: s\n\nlmbdaa: 0.5\n")
+    with pytest.raises(GKDUserError, match=r"unknown\.yaml:3: unknown key 'lmbdaa'"):
+        parse_config(["--config", str(unknown)])
+
+    out_of_range = tmp_path / "range.yaml"
+    out_of_range.write_text("model: s\nteacher_model: t\ndataset: d.jsonl\nbeta: 2\n")
+    with pytest.raises(GKDUserError, match=r"--beta 2.0: must be in \[0, 1\] \(from .*range\.yaml:4\)"):
+        parse_config(["--config", str(out_of_range), "--output_dir", str(tmp_path / "o")])
+
+    bad_type = tmp_path / "type.yaml"
+    bad_type.write_text("beta: high\n")
+    with pytest.raises(GKDUserError, match=r"type\.yaml:1: argument --beta: invalid float value"):
+        parse_config(["--config", str(bad_type)])
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: s\nbeta: [0.5\n")
+    with pytest.raises(GKDUserError, match=r"broken\.yaml:\d+: not valid YAML"):
+        parse_config(["--config", str(broken)])
