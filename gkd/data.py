@@ -1,0 +1,364 @@
+"""Data: read datasets, normalise every row to chat messages, tokenize into prompt and completion ids.
+
+A row's prompt is everything before its last assistant turn, rendered with the tokenizer's chat template
+and generation prompt; its completion is that last assistant turn, ending with (and including) the first
+stop token. Rows whose conversation ends on a user turn are prompt-only: fine when every sample is
+generated (`--lmbda 1`, or `--seq_kd true`), refused otherwise.
+
+Dataset specs use ms-swift's syntax ID_OR_PATH[:subset][#N].
+"""
+
+import glob
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from gkd.errors import GKDUserError
+
+logger = logging.getLogger(__name__)
+
+FILE_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+IGNORE_INDEX = -100
+
+# ms-swift's column aliases for query/response rows, in the order they are looked up.
+QUERY_COLUMNS = ("query", "question", "problem", "prompt", "instruction")
+RESPONSE_COLUMNS = ("response", "answer", "output", "solution", "completion")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    source: str  # a local file or folder, or a hub dataset id
+    subset: str | None = None
+    count: int | None = None  # the #N suffix
+
+    @classmethod
+    def parse(cls, text: str) -> "DatasetSpec":
+        source, count = text, None
+        if "#" in source:
+            source, _, count_text = source.rpartition("#")
+            if not count_text.isdigit() or int(count_text) == 0:
+                raise GKDUserError(f"--dataset {text}: '#{count_text}' must be a positive row count, e.g. #1000")
+            count = int(count_text)
+        subset = None
+        if not os.path.exists(source) and ":" in source:
+            source, _, subset = source.rpartition(":")
+        return cls(source=source, subset=subset or None, count=count)
+
+    def looks_local(self) -> bool:
+        return (
+            os.path.exists(self.source)
+            or self.source.lower().endswith(FILE_EXTENSIONS)
+            or self.source.startswith(("/", "./", "../", "~"))
+        )
+
+
+# ----------------------------------------------------------------------------- reading rows
+
+
+def _read_jsonl(path: str):
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise GKDUserError(f"{where}: bad JSON ({error.msg})") from None
+            yield where, row
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            rows = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise GKDUserError(f"{path}:{error.lineno}: bad JSON ({error.msg})") from None
+    if not isinstance(rows, list):
+        raise GKDUserError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    for index, row in enumerate(rows, start=1):
+        yield f"{path} row {index}", row
+
+
+def _read_table(path: str, kind: str):
+    import datasets
+
+    try:
+        table = datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as error:  # datasets wraps parser errors in several types
+        raise GKDUserError(f"{path}: cannot read it as {kind} ({str(error).splitlines()[0]})") from None
+    for index, row in enumerate(table, start=1):
+        yield f"{path} row {index}", row
+
+
+def _read_file(path: str):
+    lower = path.lower()
+    try:
+        if lower.endswith(".jsonl"):
+            yield from _read_jsonl(path)
+        elif lower.endswith(".json"):
+            yield from _read_json(path)
+        elif lower.endswith(".csv"):
+            yield from _read_table(path, "csv")
+        elif lower.endswith(".parquet"):
+            yield from _read_table(path, "parquet")
+        else:
+            raise GKDUserError(f"{path}: unsupported file type (use {', '.join(FILE_EXTENSIONS)})")
+    except UnicodeDecodeError:
+        raise GKDUserError(f"{path}: not UTF-8 text") from None
+    except OSError as error:
+        raise GKDUserError(f"{path}: cannot read it ({error.strerror})") from None
+
+
+def _read_hub(spec: DatasetSpec):
+    import datasets
+
+    try:
+        table = datasets.load_dataset(spec.source, spec.subset, split="train")
+    except Exception as error:  # offline, unknown id, gated, bad subset: all reach the user as one line
+        raise GKDUserError(
+            f"--dataset {spec.source}: not a local file or folder, and loading it as a hub dataset failed "
+            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        ) from None
+    for index, row in enumerate(table, start=1):
+        yield f"{spec.source} row {index}", row
+
+
+def read_rows(spec: DatasetSpec, seed: int) -> list[tuple[str, dict]]:
+    """All rows of one spec as (where, row) pairs; `where` names file and line for error messages."""
+    if spec.looks_local():
+        path = os.path.expanduser(spec.source)
+        if os.path.isdir(path):
+            files = sorted(
+                name for name in glob.glob(os.path.join(path, "*")) if name.lower().endswith(FILE_EXTENSIONS)
+            )
+            if not files:
+                raise GKDUserError(f"--dataset {spec.source}: folder holds no {'/'.join(FILE_EXTENSIONS)} files")
+        elif os.path.isfile(path):
+            files = [path]
+        else:
+            raise GKDUserError(f"--dataset {spec.source}: no such file or folder")
+        rows = [pair for file in files for pair in _read_file(file)]
+    else:
+        rows = list(_read_hub(spec))
+    if not rows:
+        raise GKDUserError(f"--dataset {spec.source}: holds no rows")
+    return draw_rows(rows, spec.count, seed)
+
+
+def draw_rows(rows: list, count: int | None, seed: int) -> list:
+    """ms-swift's #N: N rows without replacement when N <= size; else whole copies, topped up at random."""
+    if count is None:
+        return rows
+    rng = random.Random(seed)
+    whole_copies, remainder = divmod(count, len(rows))
+    return rows * whole_copies + [rows[index] for index in rng.sample(range(len(rows)), remainder)]
+
+
+# ----------------------------------------------------------------------------- rows to messages
+
+
+def _check_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise GKDUserError(f"{where}: messages must be a non-empty list")
+    for turn in messages:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+            raise GKDUserError(f"{where}: each message needs a 'role' and a 'content'")
+        if not isinstance(turn.get("content"), str):
+            raise GKDUserError(f"{where}: message content must be a string, got {type(turn.get('content')).__name__}")
+    return [{"role": turn["role"], "content": turn["content"]} for turn in messages]
+
+
+def _sharegpt_to_messages(conversations, where: str) -> list[dict]:
+    if not isinstance(conversations, list):
+        raise GKDUserError(f"{where}: conversations must be a list")
+    messages = []
+    for turn in conversations:
+        if not isinstance(turn, dict):
+            raise GKDUserError(f"{where}: each conversation turn must be an object")
+        if "from" in turn:
+            speaker = turn.get("from")
+            if speaker not in SHAREGPT_ROLES:
+                raise GKDUserError(f"{where}: unknown speaker {speaker!r} (use {', '.join(SHAREGPT_ROLES)})")
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+        else:
+            messages.append(turn)
+    return messages
+
+
+def _query_response_to_messages(row: dict, where: str) -> list[dict]:
+    if "instruction" in row and row.get("input"):  # Alpaca: the input follows the instruction
+        query = f"{row['instruction']}\n{row['input']}"
+    else:
+        query = next(row[key] for key in QUERY_COLUMNS if row.get(key) is not None)
+    if isinstance(query, list):  # TRL's conversational prompt/completion
+        messages = list(query)
+    else:
+        messages = []
+        if row.get("system"):
+            messages.append({"role": "system", "content": row["system"]})
+        for pair in row.get("history") or []:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise GKDUserError(f"{where}: history must be a list of [query, response] pairs")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        messages.append({"role": "user", "content": query})
+    response = next((row[key] for key in RESPONSE_COLUMNS if row.get(key) is not None), None)
+    if isinstance(response, list):
+        messages += response
+    elif response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return messages
+
+
+def row_to_messages(row, where: str, system: str | None = None) -> list[dict]:
+    """Normalise any supported row shape to a list of {role, content} messages."""
+    if not isinstance(row, dict):
+        raise GKDUserError(f"{where}: expected an object with the row's fields, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+    elif "conversations" in row:
+        messages = _sharegpt_to_messages(row["conversations"], where)
+    elif any(row.get(key) is not None for key in QUERY_COLUMNS):
+        messages = _query_response_to_messages(row, where)
+    else:
+        raise GKDUserError(
+            f"{where}: unknown row shape with keys {sorted(row)[:8]}; expected messages, conversations, "
+            "query/response, prompt/completion or instruction/input/output"
+        )
+    messages = _check_messages(messages, where)
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def split_prompt_completion(messages: list[dict]) -> tuple[list[dict], str | None]:
+    """The prompt is everything before the last assistant turn; None when the row ends on another role."""
+    if messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def cut_at_stop(token_ids: list[int], stop_ids) -> list[int]:
+    """Keep tokens up to and including the first stop token: the stop is supervised, what follows is not."""
+    for position, token in enumerate(token_ids):
+        if token in stop_ids:
+            return token_ids[: position + 1]
+    return token_ids
+
+
+def check_chat_template(tokenizer, name: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise GKDUserError(
+            f"the tokenizer of {name} has no chat template; gkd renders prompts with it. Use a chat model's "
+            "tokenizer, or add a 'chat_template' to its tokenizer_config.json"
+        )
+
+
+def tokenize_messages(tokenizer, prompt_messages, completion, stop_ids) -> tuple[list[int], list[int] | None]:
+    """Prompt ids (chat template + generation prompt) and completion ids (cut after the first stop)."""
+    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if completion is None:
+        return prompt_ids, None
+    full_text = tokenizer.apply_chat_template(
+        prompt_messages + [{"role": "assistant", "content": completion}], tokenize=False
+    )
+    # The template's own rendering of the assistant turn carries its end-of-turn token; templates that
+    # rewrite earlier turns (e.g. drop reasoning) break the prefix, and then the plain content is used.
+    completion_text = full_text[len(prompt_text) :] if full_text.startswith(prompt_text) else completion
+    completion_ids = cut_at_stop(tokenizer(completion_text, add_special_tokens=False)["input_ids"], stop_ids)
+    if not completion_ids or completion_ids[-1] not in stop_ids:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return prompt_ids, completion_ids
+
+
+def truncate(prompt_ids, completion_ids, max_length: int | None, strategy: str, where: str):
+    """Apply --max_length to one row; returns None when the row is to be dropped."""
+    completion_length = len(completion_ids or [])
+    if max_length is None or len(prompt_ids) + completion_length <= max_length and len(prompt_ids) < max_length:
+        return prompt_ids, completion_ids
+    if strategy == "raise":
+        raise GKDUserError(
+            f"{where}: {len(prompt_ids) + completion_length} tokens exceed --max_length {max_length} "
+            "(--truncation_strategy raise)"
+        )
+    if strategy == "delete":
+        return None
+    if strategy == "left":
+        # The prompt's start goes. At least one prompt token stays (the end of the generation prompt), and a
+        # prompt-only row keeps room for one generated token.
+        if completion_ids is None:
+            return prompt_ids[-(max_length - 1) :], None
+        completion_ids = completion_ids[: max_length - 1]
+        return prompt_ids[-(max_length - len(completion_ids)) :], completion_ids
+    # right: the completion's end goes; a prompt that fills max_length alone leaves nothing to train on.
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        return None
+    return prompt_ids, None if completion_ids is None else completion_ids[:room]
+
+
+def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=None,
+                  truncation_strategy="delete", need_completions=True, reason_completions_needed=""):
+    """Read, normalise and tokenize every --dataset spec into {"prompt_ids", "completion_ids"} examples."""
+    examples, dropped = [], 0
+    for text in specs:
+        for where, row in read_rows(DatasetSpec.parse(text), seed):
+            prompt_messages, completion = split_prompt_completion(row_to_messages(row, where, system))
+            if completion is None and need_completions:
+                raise GKDUserError(
+                    f"{where}: the row has no assistant completion, which {reason_completions_needed} needs; "
+                    "add one, or use --lmbda 1 or --seq_kd true"
+                )
+            if not prompt_messages:
+                raise GKDUserError(f"{where}: the row has a completion but no prompt")
+            tokens = truncate(*tokenize_messages(tokenizer, prompt_messages, completion, stop_ids),
+                              max_length, truncation_strategy, where)
+            if tokens is None:
+                dropped += 1
+                continue
+            examples.append({"prompt_ids": tokens[0], "completion_ids": tokens[1]})
+    if dropped:
+        logger.warning("dropped %d rows longer than --max_length %s (--truncation_strategy %s)",
+                       dropped, max_length, truncation_strategy)
+    if not examples:
+        raise GKDUserError(f"--dataset {' '.join(specs)}: no rows left after --max_length {max_length}")
+    return examples
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def collate_examples(features: list[dict]) -> dict:
+    """Keep token lists as they are: the trainer decides each sample's completion before padding."""
+    return {
+        "prompt_ids": [feature["prompt_ids"] for feature in features],
+        "completion_ids": [feature["completion_ids"] for feature in features],
+    }
+
+
+def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int) -> dict:
+    """Right-padded input_ids, attention_mask, and labels that supervise the completion tokens only.
+
+    Labels come from lengths, never from comparing ids with the pad id, so an EOS equal to pad stays
+    supervised.
+    """
+    lengths = [len(prompt) + len(completion) for prompt, completion in zip(prompt_ids, completion_ids)]
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(lengths), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+        sequence = torch.tensor(prompt + completion, dtype=torch.long)
+        input_ids[row, : len(sequence)] = sequence
+        attention_mask[row, : len(sequence)] = 1
+        labels[row, len(prompt) : len(sequence)] = sequence[len(prompt) :]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

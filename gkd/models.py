@@ -1,0 +1,109 @@
+"""Loading the student, the teacher and their tokenizer, and checking that they fit together."""
+
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gkd.errors import GKDUserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--model"):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as error:  # missing folder, hub offline, unknown id: one line for all
+        raise GKDUserError(f"{flag} {name}: cannot load its tokenizer ({_first_line(error)})") from None
+    if tokenizer.eos_token_id is None:
+        raise GKDUserError(f"{flag} {name}: the tokenizer has no eos_token, so completions could never end")
+    return tokenizer
+
+
+def load_model(name: str, dtype, attn_impl: str | None, trust_remote_code: bool, flag: str):
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_impl:
+        kwargs["attn_implementation"] = attn_impl
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except Exception as error:
+        raise GKDUserError(f"{flag} {name}: cannot load it as a causal LM ({_first_line(error)})") from None
+
+
+def resolve_dtypes(torch_dtype: str | None, bf16: bool, fp16: bool):
+    """(student dtype, teacher dtype). The student keeps float32 master weights under mixed precision;
+    the teacher only runs forward, so it can live in the half-precision dtype."""
+    if torch_dtype == "auto":
+        return "auto", "auto"
+    if torch_dtype:
+        return DTYPES[torch_dtype], DTYPES[torch_dtype]
+    return torch.float32, torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
+    """EOS may be several ids (Llama 3's <|eot_id|> next to <|end_of_text|>): any of them ends a completion."""
+    ids = {tokenizer.eos_token_id}
+    generation_eos = getattr(generation_config, "eos_token_id", None)
+    if isinstance(generation_eos, int):
+        ids.add(generation_eos)
+    elif generation_eos:
+        ids.update(generation_eos)
+    return tuple(sorted(ids))
+
+
+def output_vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_vocabularies(tokenizer, teacher_tokenizer, student, teacher, student_name, teacher_name) -> int:
+    """Refuse a student and teacher that do not share a tokenizer; return how many logit rows to compare.
+
+    Models often pad their vocabulary past the tokenizer (Qwen2.5: 151936 vs 152064 rows around a
+    151665-token tokenizer); such padding rows never stand for a token, so only the rows both models have
+    are compared, once both cover every token of the tokenizer.
+    """
+    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise GKDUserError(
+            f"--teacher_model {teacher_name}: its tokenizer differs from the student's ({student_name}); "
+            "GKD compares distributions token by token, so both must use the same tokenizer"
+        )
+    tokens = len(tokenizer)
+    for flag, name, model in (("--model", student_name, student), ("--teacher_model", teacher_name, teacher)):
+        if output_vocab_size(model) < tokens:
+            raise GKDUserError(
+                f"{flag} {name}: its output layer has {output_vocab_size(model)} rows but the tokenizer has "
+                f"{tokens} tokens"
+            )
+    shared = min(output_vocab_size(student), output_vocab_size(teacher))
+    if output_vocab_size(student) != output_vocab_size(teacher):
+        logger.info(
+            "student has %d output rows, teacher %d, tokenizer %d tokens: comparing the first %d",
+            output_vocab_size(student), output_vocab_size(teacher), tokens, shared,
+        )
+    return shared
+
+
+def apply_lora(model, tuner):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise GKDUserError("--tuner_type lora needs peft: pip install 'gkd[peft]'") from None
+    target_modules = tuner.target_modules
+    config = LoraConfig(
+        r=tuner.lora_rank,
+        lora_alpha=tuner.lora_alpha,
+        lora_dropout=tuner.lora_dropout,
+        target_modules=target_modules[0] if target_modules == ["all-linear"] else target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise GKDUserError(f"--target_modules {' '.join(target_modules)}: {_first_line(error)}") from None

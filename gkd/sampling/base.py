@@ -1,0 +1,30 @@
+"""The sampling-engine interface: prompts in, completion token ids out.
+
+The trainer only talks to this interface, so an engine (transformers `generate`, vLLM in-process or
+behind a server) can be swapped without touching the trainer.
+"""
+
+import abc
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int | None = None  # None: off
+    top_p: float | None = None  # None: off
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None  # same seed, same prompts, same weights: same completions
+
+
+class SamplingEngine(abc.ABC):
+    @abc.abstractmethod
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
+        """One completion per prompt, ending at (and including) its first stop token when it has one."""
+
+    def sync_weights(self, model) -> None:
+        """Load `model`'s current weights into the engine, so that it samples from the model being trained.
+
+        Engines that sample from the training model itself have nothing to do.
+        """
