@@ -1,0 +1,121 @@
+"""gkd-train as a user runs it: a subprocess on the tiny models."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import write_jsonl
+
+
+def gkd_train(*flags, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gkd.cli.train", *map(str, flags)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def base_flags(tiny, output_dir, dataset=None):
+    return ["--model", tiny / "student", "--teacher_model", tiny / "teacher",
+            "--dataset", dataset or f"{tiny / 'data' / 'train.jsonl'}#32", "--output_dir", output_dir,
+            "--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2, "--max_completion_length", 12,
+            "--learning_rate", "1e-3", "--logging_steps", 1, "--save_steps", 1, "--report_to", "none",
+            "--disable_tqdm", "true"]
+
+
+def log_history(checkpoint):
+    return json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.mark.parametrize(
+    "source_flags, source",
+    [(["--lmbda", "0"], "dataset"), (["--lmbda", "1"], "student"), (["--lmbda", "0", "--seq_kd", "true"], "teacher")],
+)
+def test_each_source_trains_saves_and_reloads(tmp_path, tiny, source_flags, source):
+    out = tmp_path / "out"
+    result = gkd_train(*base_flags(tiny, out), "--max_steps", 2, *source_flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    logs = [entry for entry in log_history(out / "checkpoint-2") if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert math.isfinite(entry["loss"]) and entry["loss"] > 0
+        assert entry[f"samples_{source}"] == 8  # every sample of the step came from the expected source
+        assert 0 <= entry["generation_share"] <= 1 and entry["tokens_per_second"] > 0
+
+    before = load_file(tiny / "student" / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, tiny):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    flags = ["--max_steps", 3, "--lmbda", 0.5, "--seed", 5, "--lr_scheduler_type", "constant"]
+    assert gkd_train(*base_flags(tiny, straight), *flags).returncode == 0
+    assert gkd_train(*base_flags(tiny, resumed), *flags).returncode == 0
+    shutil.rmtree(resumed / "checkpoint-2")
+    shutil.rmtree(resumed / "checkpoint-3")
+    result = gkd_train(*base_flags(tiny, resumed), *flags, "--resume_from_checkpoint", resumed / "checkpoint-1")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    expected = [entry for entry in log_history(straight / "checkpoint-3") if "loss" in entry]
+    got = [entry for entry in log_history(resumed / "checkpoint-3") if "loss" in entry]
+    assert [entry["step"] for entry in got] == [1, 2, 3]
+    for want, have in zip(expected, got):
+        assert have["samples_student"] == want["samples_student"]
+        assert have["completion_length"] == want["completion_length"]
+        assert have["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def bad_runs(tiny, tmp_path):
+    data = tiny / "data" / "train.jsonl"
+    other_teacher = tmp_path / "other-teacher"
+    shutil.copytree(tiny / "teacher", other_teacher)
+    tokenizer = AutoTokenizer.from_pretrained(other_teacher)
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(other_teacher)
+    bad_row = write_jsonl(tmp_path / "bad.jsonl", [{"query": "q", "response": "r"}, {"text": "?"}])
+    (tmp_path / "broken.jsonl").write_text('{"query": "q", "response": "r"}\n{"query": \n')
+    prompt_only = tiny / "data" / "prompts.jsonl"
+    (tmp_path / "unknown.yaml").write_text("lmbdaa: 0.5\n")
+    return {
+        "missing student": (["--model", tmp_path / "nope"], "--model"),
+        "missing dataset": (["--dataset", tmp_path / "none.jsonl"], "no such file or folder"),
+        "unknown row shape": (["--dataset", bad_row], "bad.jsonl:2: unknown row shape"),
+        "bad json": (["--dataset", tmp_path / "broken.jsonl"], "broken.jsonl:2: bad JSON"),
+        "prompt only with lmbda < 1": (["--dataset", prompt_only, "--lmbda", 0.5], "prompts.jsonl:1: the row has no"),
+        "other tokenizer": (["--teacher_model", other_teacher], "tokenizer differs"),
+        "beta out of range": (["--beta", 1.5], "--beta 1.5: must be in [0, 1]"),
+        "unknown yaml key": (["--config", tmp_path / "unknown.yaml"], "unknown.yaml:1: unknown key 'lmbdaa'"),
+        "bad choice": (["--tuner_type", "qlora"], "invalid choice: 'qlora'"),
+    }
+
+
+def test_bad_inputs_give_one_line_and_leave_nothing(tmp_path, tiny):
+    for name, (flags, expected) in bad_runs(tiny, tmp_path).items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        result = gkd_train(*base_flags(tiny, out), "--max_steps", 1, *flags)
+        assert result.returncode == 2, name
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("gkd-train: error:")]
+        assert len(error_lines) == 1 and expected in error_lines[0], (name, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, name
+        assert not out.exists(), name
+
+
+def test_help_lists_gkd_flags_first():
+    result = gkd_train("--help")
+    assert result.returncode == 0
+    text = result.stdout
+    assert text.index("--lmbda") < text.index("--model STUDENT") or text.index("--lmbda") < text.index("--per_device")
+    assert text.index("gkd:") < text.index("training (transformers TrainingArguments):")
