@@ -177,6 +177,7 @@ class GKDTrainer(Trainer):
             *(f"samples_{source}" for source in SOURCES),
         )}
         self._metrics_since = time.perf_counter()
+        self._metrics_since_step = self.state.global_step
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add what happened since the last one
@@ -195,5 +196,6 @@ class GKDTrainer(Trainer):
             logs["completion_length"] = round(total["completion_tokens"] / max(samples, 1), 2)
             logs["generation_share"] = round(total["generation_seconds"] / self.accelerator.num_processes / seconds, 4)
             logs["tokens_per_second"] = round(total["tokens"] / seconds, 1)
+            logs["step_seconds"] = round(seconds / max(self.state.global_step - self._metrics_since_step, 1), 4)
             self._reset_metrics()
         super().log(logs, start_time)

@@ -181,3 +181,25 @@ def test_prompt_only_rows_need_lmbda_1_or_seq_kd(tmp_path, tokenizer):
 def test_build_batch_gives_long_tensors():
     batch = build_batch([[1]], [[2]], 0)
     assert all(tensor.dtype == torch.long for tensor in batch.values())
+
+
+def test_hub_ids_go_through_datasets(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, subset=None, split=None):
+        calls.append((name, subset, split))
+        return datasets.Dataset.from_list([{"query": f"q{i}", "response": "r"} for i in range(5)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = read_rows(DatasetSpec.parse("org/math:hard#3"), seed=0)
+    assert calls == [("org/math", "hard", "train")]
+    assert len(rows) == 3 and rows[0][0].startswith("org/math row ")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub\nlong details")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(GKDUserError, match=r"^--dataset org/none: .*hub dataset failed \(Couldn't reach the Hub\)$"):
+        read_rows(DatasetSpec.parse("org/none"), seed=0)
