@@ -119,3 +119,17 @@ def test_help_lists_gkd_flags_first():
     text = result.stdout
     assert text.index("--lmbda") < text.index("--model STUDENT") or text.index("--lmbda") < text.index("--per_device")
     assert text.index("gkd:") < text.index("training (transformers TrainingArguments):")
+
+
+def test_lora_saves_a_merged_plain_model(tmp_path, tiny):
+    out = tmp_path / "lora"
+    result = gkd_train(*base_flags(tiny, out), "--max_steps", 2, "--lmbda", 0.5, "--tuner_type", "lora",
+                       "--lora_rank", 4, "--learning_rate", "5e-2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert not (out / "adapter_config.json").exists()
+    before = load_file(tiny / "student" / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert sorted(after) == sorted(before)  # plain weight names, no lora_A / lora_B left
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    AutoModelForCausalLM.from_pretrained(out)
