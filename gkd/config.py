@@ -158,12 +158,13 @@ class _OneLineErrorParser(HfArgumentParser):
         raise GKDUserError(f"{message} (see {self.prog} --help)")
 
 
-def build_parser(prog: str = "gkd-train") -> HfArgumentParser:
+def build_parser(argument_classes=ARGUMENT_CLASSES, prog: str = "gkd-train", usage: str | None = None,
+                 description: str | None = None) -> HfArgumentParser:
     parser = _OneLineErrorParser(
-        ARGUMENT_CLASSES,
+        argument_classes,
         prog=prog,
-        usage=f"{prog} --model STUDENT --teacher_model TEACHER --dataset DATA [DATA ...] --output_dir OUT [flags]",
-        description="On-policy knowledge distillation (GKD) of a student model from a teacher.",
+        usage=usage or f"{prog} --model STUDENT --teacher_model TEACHER --dataset DATA [DATA ...] --output_dir OUT [flags]",
+        description=description or "On-policy knowledge distillation (GKD) of a student model from a teacher.",
     )
     parser.add_argument(
         "--config", metavar="FILE.yaml", help="YAML file with any of these flags as keys; command-line flags win."
@@ -210,7 +211,7 @@ def _read_yaml_config(path: str, parser: HfArgumentParser) -> tuple[list[str], d
         where = f"{path}:{line_of.get(str(key), '?')}"
         key = str(key).lstrip("-").replace("-", "_")
         if key not in known or key in ("config", "help"):
-            raise GKDUserError(f"{where}: unknown key '{key}' (keys are gkd-train's flag names)")
+            raise GKDUserError(f"{where}: unknown key '{key}' (keys are {parser.prog}'s flag names)")
         if isinstance(value, dict):
             raise GKDUserError(f"{where}: '{key}' takes a value or a list, not a mapping")
         tokens = _yaml_to_argv(key, value)
@@ -223,11 +224,13 @@ def _read_yaml_config(path: str, parser: HfArgumentParser) -> tuple[list[str], d
     return argv, origin
 
 
-def parse_config(argv: list[str] | None = None, prog: str = "gkd-train") -> GKDConfig:
-    """Parse and check gkd-train's arguments. Raises GKDUserError; loads nothing heavy."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog)
+def parse_dataclasses(parser: HfArgumentParser, argv: list[str] | None) -> tuple[list, dict[str, str]]:
+    """Parse argv, after the --config file's values, into the parser's dataclasses.
 
+    Returns the dataclass instances and where each key from the config file stands ("file:line").
+    Raises GKDUserError; loads nothing heavy.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config")
     known, _ = pre_parser.parse_known_args(argv)
@@ -235,23 +238,25 @@ def parse_config(argv: list[str] | None = None, prog: str = "gkd-train") -> GKDC
     if known.config:
         config_argv, origin = _read_yaml_config(known.config, parser)
         argv = config_argv + argv
-
     try:
-        gkd, model, data, tuner, training, _ = parser.parse_args_into_dataclasses(
-            args=argv, look_for_args_file=False
-        )
+        *instances, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except GKDUserError:
         raise
     except ValueError as error:
         # TrainingArguments.__post_init__ refuses contradictions (e.g. --bf16 with --fp16) this way.
         raise GKDUserError(str(error).strip().splitlines()[0]) from None
+    return instances, origin
 
+
+def parse_config(argv: list[str] | None = None, prog: str = "gkd-train") -> GKDConfig:
+    """Parse and check gkd-train's arguments. Raises GKDUserError; loads nothing heavy."""
+    (gkd, model, data, tuner, training), origin = parse_dataclasses(build_parser(prog=prog), argv)
     config = GKDConfig(model=model, data=data, gkd=gkd, tuner=tuner, training=training)
     check_config(config, origin)
     return config
 
 
-def _in_range(name: str, value, low, high, *, low_open=False, high_open=False) -> str | None:
+def in_range(name: str, value, low, high, *, low_open=False, high_open=False) -> str | None:
     if value is None or not isinstance(value, (int, float)) or math.isnan(value):
         return f"--{name} {value}: must be a number"
     too_low = value <= low if low_open else value < low
@@ -272,21 +277,21 @@ def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> Non
         None if data.dataset else "--dataset is required (one or more files, folders or hub ids)",
         None if training.output_dir else "--output_dir is required",
         None if gkd.rlhf_type == "gkd" else f"--rlhf_type {gkd.rlhf_type}: gkd-train only does 'gkd'",
-        _in_range("beta", gkd.beta, 0, 1),
-        _in_range("lmbda", gkd.lmbda, 0, 1),
-        _in_range("temperature", gkd.temperature, 0, inf, low_open=True),
-        _in_range("loss_temperature", gkd.loss_temperature, 0, inf, low_open=True),
-        _in_range("sft_alpha", gkd.sft_alpha, 0, inf),
-        _in_range("max_completion_length", gkd.max_completion_length, 1, inf),
-        None if gkd.top_k is None else _in_range("top_k", gkd.top_k, 1, inf),
-        None if gkd.top_p is None else _in_range("top_p", gkd.top_p, 0, 1, low_open=True),
-        None if data.max_length is None else _in_range("max_length", data.max_length, 2, inf),
+        in_range("beta", gkd.beta, 0, 1),
+        in_range("lmbda", gkd.lmbda, 0, 1),
+        in_range("temperature", gkd.temperature, 0, inf, low_open=True),
+        in_range("loss_temperature", gkd.loss_temperature, 0, inf, low_open=True),
+        in_range("sft_alpha", gkd.sft_alpha, 0, inf),
+        in_range("max_completion_length", gkd.max_completion_length, 1, inf),
+        None if gkd.top_k is None else in_range("top_k", gkd.top_k, 1, inf),
+        None if gkd.top_p is None else in_range("top_p", gkd.top_p, 0, 1, low_open=True),
+        None if data.max_length is None else in_range("max_length", data.max_length, 2, inf),
     ]
     if tuner.tuner_type == "lora":
         problems += [
-            _in_range("lora_rank", tuner.lora_rank, 1, inf),
-            _in_range("lora_alpha", tuner.lora_alpha, 1, inf),
-            _in_range("lora_dropout", tuner.lora_dropout, 0, 1, high_open=True),
+            in_range("lora_rank", tuner.lora_rank, 1, inf),
+            in_range("lora_alpha", tuner.lora_alpha, 1, inf),
+            in_range("lora_dropout", tuner.lora_dropout, 0, 1, high_open=True),
         ]
     if gkd.sft_alpha > 0 and gkd.lmbda == 1:
         problems.append(f"--sft_alpha {gkd.sft_alpha} has no effect with --lmbda 1 (every completion is the student's)")
@@ -306,8 +311,74 @@ def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> Non
             f"--output_dir {training.output_dir}: not empty; pass --resume_from_checkpoint to continue, "
             "--overwrite_output_dir true to write into it anyway, or name a new folder"
         )
+    raise_first_problem(problems, origin)
+
+
+def raise_first_problem(problems: list[str | None], origin: dict[str, str] | None) -> None:
+    """Raise the first problem found, naming the config file line its flag came from, if it did."""
     for problem in problems:
         if problem:
             flag = problem.split()[0].lstrip("-")
             where = (origin or {}).get(flag)
             raise GKDUserError(f"{problem} (from {where})" if where else problem)
+
+
+# ----------------------------------------------------------------------------- gkd-infer
+
+
+@dataclass
+class InferArguments:
+    _argument_group_name = "gkd-infer"
+
+    model: str | None = field(default=None, metadata={"help": "The model that samples (the teacher): folder or hub id."})
+    val_dataset: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Prompts, same ID_OR_PATH[:subset][#N] syntax and row shapes as gkd-train.",
+                  "aliases": ["--dataset"]},
+    )
+    result_path: str | None = field(
+        default=None, metadata={"help": "Output JSONL. Running again after a crash resumes it."}
+    )
+    infer_backend: Literal["transformers", "vllm"] = field(
+        default="transformers", metadata={"help": "Sampling engine."}
+    )
+    max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per response.",
+                                                       "aliases": ["--max_completion_length"]})
+    temperature: float = field(default=0.9, metadata={"help": "Sampling temperature (> 0; 0 = greedy)."})
+    top_k: int | None = field(default=None, metadata={"help": "Sampling top-k (>= 1; default: off)."})
+    top_p: float | None = field(default=None, metadata={"help": "Sampling top-p in (0, 1] (default: off)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the row draw (#N) and of sampling."})
+    num_return_sequences: int = field(default=1, metadata={"help": "Responses per prompt (one line each)."})
+    max_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call."})
+    write_batch_size: int = field(
+        default=1000, metadata={"help": "Rows sampled between two flushed writes of the result file."}
+    )
+    system: str | None = field(default=None, metadata={"help": "System prompt for rows that have none."})
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "Weight dtype (auto: the checkpoint's)."}
+    )
+    attn_impl: str | None = field(default=None, metadata={"help": "Attention implementation, e.g. sdpa."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repository's own code."})
+
+
+def parse_infer_config(argv: list[str] | None = None) -> InferArguments:
+    parser = build_parser(
+        (InferArguments,), prog="gkd-infer",
+        usage="gkd-infer --model TEACHER --val_dataset DATA [DATA ...] --result_path OUT.jsonl [flags]",
+        description="Sample responses from a model (the teacher) into a JSONL file that gkd-train reads.",
+    )
+    (args,), origin = parse_dataclasses(parser, argv)
+    inf = math.inf
+    raise_first_problem([
+        None if args.model else "--model is required (the model that samples)",
+        None if args.val_dataset else "--val_dataset is required (one or more files, folders or hub ids)",
+        None if args.result_path else "--result_path is required (a .jsonl file)",
+        in_range("temperature", args.temperature, 0, inf),
+        None if args.top_k is None else in_range("top_k", args.top_k, 1, inf),
+        None if args.top_p is None else in_range("top_p", args.top_p, 0, 1, low_open=True),
+        in_range("max_new_tokens", args.max_new_tokens, 1, inf),
+        in_range("num_return_sequences", args.num_return_sequences, 1, inf),
+        in_range("max_batch_size", args.max_batch_size, 1, inf),
+        in_range("write_batch_size", args.write_batch_size, 1, inf),
+    ], origin)
+    return args

@@ -9,7 +9,6 @@ One optimizer step, as in the paper's pseudocode:
    completion tokens, plus sft_alpha * cross-entropy on the samples the student did not write.
 """
 
-import hashlib
 import random
 import time
 
@@ -19,15 +18,9 @@ from transformers import Trainer
 
 from gkd.data import IGNORE_INDEX, build_batch, collate_examples
 from gkd.loss import generalized_jsd_loss
-from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine
+from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine, derive_seed
 
 SOURCES = ("student", "teacher", "dataset")
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any tuple of ints/strings; the same on every process and every run."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def sample_source(seed: int, global_step: int, sample_index: int, lmbda: float, seq_kd: bool) -> str:

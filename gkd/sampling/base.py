@@ -5,7 +5,14 @@ behind a server) can be swapped without touching the trainer.
 """
 
 import abc
+import hashlib
 from dataclasses import dataclass
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints/strings; the same on every process and every run."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,173 @@
+"""gkd-infer: sample responses (from the teacher) into a JSONL file that gkd-train reads unchanged.
+
+Crash-safe and resumable: lines are written whole and flushed every --write_batch_size rows, and a rerun
+of the same command samples only the rows not yet in the file. Under `accelerate launch` (or torchrun)
+each process samples its share of every write batch and the main process writes them all.
+"""
+
+import hashlib
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from gkd.config import InferArguments, parse_infer_config
+from gkd.data import DatasetSpec, check_chat_template, read_rows, row_to_messages, split_prompt_completion, tokenize_messages
+from gkd.errors import GKDUserError
+from gkd.models import DTYPES, load_model, load_tokenizer, stop_token_ids
+from gkd.result_file import KEY_FIELD, ResultFile, check_result_path
+
+logger = logging.getLogger("gkd")
+
+# Settings that change what is sampled; a file is resumed only under the same ones.
+SAMPLING_SETTINGS = ("model", "val_dataset", "infer_backend", "max_new_tokens", "temperature", "top_k",
+                     "top_p", "seed", "num_return_sequences", "system", "torch_dtype")
+
+
+@dataclass
+class Sample:
+    key: str
+    order: int  # position in the input, so that the file follows the input's order within a write batch
+    row: dict
+    prompt_messages: list[dict]
+    label: str | None
+
+
+def sample_key(spec: str, position: int, answer: int) -> str:
+    return hashlib.sha256(f"{spec}\0{position}\0{answer}".encode()).hexdigest()[:20]
+
+
+def list_samples(args: InferArguments) -> list[Sample]:
+    """Every (input row, response number) of the input, in order."""
+    samples = []
+    for spec in args.val_dataset:
+        for position, (where, row) in enumerate(read_rows(DatasetSpec.parse(spec), args.seed)):
+            prompt_messages, label = split_prompt_completion(row_to_messages(row, where, args.system))
+            if not prompt_messages:
+                raise GKDUserError(f"{where}: the row has an assistant turn but no prompt")
+            for answer in range(args.num_return_sequences):
+                key = sample_key(spec, position, answer)
+                samples.append(Sample(key, len(samples), row, prompt_messages, label))
+    return samples
+
+
+def result_row(sample: Sample, response: str) -> dict:
+    """The input row, its last assistant turn replaced (or added) by the response, as swift infer writes."""
+    return {
+        **sample.row,
+        "messages": sample.prompt_messages + [{"role": "assistant", "content": response}],
+        "response": response,
+        "labels": sample.label,
+        KEY_FIELD: sample.key,
+    }
+
+
+def make_engine(args: InferArguments, tokenizer, device):
+    if args.infer_backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise GKDUserError("--infer_backend vllm needs vLLM: pip install 'gkd[vllm]'") from None
+        raise GKDUserError("--infer_backend vllm is not available in this version of gkd; use transformers")
+    from gkd.sampling import TransformersEngine
+
+    dtype = "auto" if args.torch_dtype == "auto" else DTYPES[args.torch_dtype]
+    model = load_model(args.model, dtype, args.attn_impl, args.trust_remote_code, "--model").to(device).eval()
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TransformersEngine(model, pad_token_id, max_batch_size=args.max_batch_size), model
+
+
+def open_result_file(args: InferArguments, state) -> tuple[ResultFile | None, set[str]]:
+    """The main process opens (and repairs) the file; every process learns which keys are done."""
+    from accelerate.utils import broadcast_object_list
+
+    result_file, payload = None, [None]
+    if state.is_main_process:
+        settings = {name: value for name, value in asdict(args).items() if name in SAMPLING_SETTINGS}
+        try:
+            result_file = ResultFile(args.result_path, settings)
+            payload = [result_file.open()]
+        except GKDUserError as error:
+            payload = [error]
+    if state.num_processes > 1:
+        broadcast_object_list(payload)
+    if isinstance(payload[0], GKDUserError):
+        raise payload[0]
+    return result_file, payload[0]
+
+
+def infer(args: InferArguments) -> None:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from gkd.sampling import SamplingSettings, derive_seed
+
+    import torch
+
+    # cpu=True is what lets accelerate form a gloo group when torchrun starts several CPU processes.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    check_result_path(args.result_path)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    check_chat_template(tokenizer, args.model)
+    samples = list_samples(args)
+    engine, model = make_engine(args, tokenizer, state.device)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
+    # Opened only once every input has been checked, so that bad input leaves no file behind.
+    result_file, done = open_result_file(args, state)
+    already = sum(sample.key in done for sample in samples)
+    samples = [sample for sample in samples if sample.key not in done]
+
+    started, written, generated_tokens = time.perf_counter(), 0, 0
+    progress = tqdm(total=len(samples), unit="row", disable=not state.is_main_process, desc="gkd-infer")
+    try:
+        for start in range(0, len(samples), args.write_batch_size):
+            batch = samples[start : start + args.write_batch_size]
+            mine = batch[state.process_index :: state.num_processes]
+            prompts = [tokenize_messages(tokenizer, sample.prompt_messages, None, stop_ids)[0] for sample in mine]
+            settings = SamplingSettings(
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, stop_token_ids=stop_ids,
+                seed=derive_seed(args.seed, batch[0].key, state.process_index),
+            )
+            completions = engine.generate(prompts, settings)
+            rows = [(sample.order, result_row(sample, tokenizer.decode(completion, skip_special_tokens=True)))
+                    for sample, completion in zip(mine, completions)]
+            tokens = [sum(len(completion) for completion in completions)]
+            if state.num_processes > 1:
+                rows, tokens = gather_object(rows), gather_object(tokens)
+            if state.is_main_process:
+                result_file.write([row for _, row in sorted(rows, key=lambda pair: pair[0])])
+            written += len(batch)
+            generated_tokens += sum(tokens)
+            seconds = time.perf_counter() - started
+            progress.update(len(batch))
+            progress.set_postfix(tokens_per_s=f"{generated_tokens / seconds:.1f}")
+    finally:
+        progress.close()
+        if result_file is not None:
+            result_file.close()
+    seconds = time.perf_counter() - started
+    if state.is_main_process:
+        print(f"gkd-infer: {written} rows ({generated_tokens} generated tokens) in {seconds:.1f} s: "
+              f"{written / max(seconds, 1e-9):.2f} rows/s, {generated_tokens / max(seconds, 1e-9):.1f} tokens/s; "
+              f"{already} rows were already in {args.result_path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        infer(parse_infer_config(argv))
+    except GKDUserError as error:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(f"gkd-infer: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("gkd-infer: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

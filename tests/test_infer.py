@@ -1,0 +1,140 @@
+"""gkd-infer: output that gkd-train reads, crash safety, resume, data parallelism, refusals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import write_jsonl
+from gkd.cli.infer import sample_key
+from gkd.result_file import KEY_FIELD
+
+
+def gkd_infer(*flags, launcher=()):
+    command = [*launcher, "-m", "gkd.cli.infer"] if launcher else [sys.executable, "-m", "gkd.cli.infer"]
+    return subprocess.run([*command, *map(str, flags)], capture_output=True, text=True, timeout=600)
+
+
+def base_flags(tiny, result, dataset):
+    return ["--model", tiny / "teacher", "--dataset", dataset, "--result_path", result, "--max_new_tokens", 10,
+            "--max_batch_size", 4, "--write_batch_size", 4]
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_output_round_trips_into_gkd_train(tmp_path, tiny):
+    spec = f"{tiny / 'data' / 'train.jsonl'}#6"
+    result = tmp_path / "teacher.jsonl"
+    run = gkd_infer(*base_flags(tiny, result, spec), "--num_return_sequences", 2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "12 rows" in run.stdout and "tokens/s" in run.stdout
+
+    lines = read_lines(result)
+    assert len(lines) == 12
+    assert {line[KEY_FIELD] for line in lines} == {sample_key(spec, row, answer) for row in range(6) for answer in range(2)}
+    for line in lines:
+        assert line["messages"][-1] == {"role": "assistant", "content": line["response"]}
+        assert line["messages"][0]["role"] == "user" and len(line["messages"]) == 2
+        assert line["labels"].startswith(line["messages"][0]["content"][8:-1].split(" + ")[0])  # the original answer
+
+    train = subprocess.run(
+        [sys.executable, "-m", "gkd.cli.train", "--model", tiny / "student", "--teacher_model", tiny / "teacher",
+         "--dataset", result, "--lmbda", "0", "--output_dir", tmp_path / "out", "--max_steps", "1",
+         "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+
+
+def test_sigkill_then_rerun_gives_every_row_exactly_once(tmp_path, tiny):
+    spec = str(tiny / "data" / "prompts.jsonl")
+    result = tmp_path / "killed.jsonl"
+    flags = [*base_flags(tiny, result, f"{spec}#40"), "--write_batch_size", 2, "--max_batch_size", 2]
+    process = subprocess.Popen([sys.executable, "-m", "gkd.cli.infer", *map(str, flags)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not result.exists() or len(result.read_bytes().splitlines()) < 4):
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    written = len(read_lines(result))
+    assert 4 <= written < 40, "the kill should land mid-run"
+    with open(result, "a") as handle:  # what a writer killed mid-line leaves
+        handle.write('{"messages": [{"role": "user", "content": "What is')
+
+    rerun = gkd_infer(*flags)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{40 - written} rows" in rerun.stdout and f"{written} rows were already" in rerun.stdout
+    keys = [line[KEY_FIELD] for line in read_lines(result)]
+    assert sorted(keys) == sorted(sample_key(f"{spec}#40", row, 0) for row in range(40))
+
+
+def test_changed_settings_are_refused_on_resume(tmp_path, tiny):
+    spec = f"{tiny / 'data' / 'prompts.jsonl'}#4"
+    result = tmp_path / "r.jsonl"
+    assert gkd_infer(*base_flags(tiny, result, spec)).returncode == 0
+    before = result.read_text()
+    changed = gkd_infer(*base_flags(tiny, result, spec), "--temperature", 0.5)
+    assert changed.returncode == 2
+    assert "temperature: 0.9 then, 0.5 now" in changed.stderr
+    assert result.read_text() == before
+    same = gkd_infer(*base_flags(tiny, result, spec))
+    assert same.returncode == 0 and "0 rows" in same.stdout and result.read_text() == before
+
+
+def test_two_processes_write_the_same_row_set_as_one(tmp_path, tiny):
+    spec = f"{tiny / 'data' / 'train.jsonl'}#10"
+    single, double = tmp_path / "single.jsonl", tmp_path / "double.jsonl"
+    assert gkd_infer(*base_flags(tiny, single, spec)).returncode == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    run = gkd_infer(*base_flags(tiny, double, spec), launcher=launcher)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("gkd-infer: 10 rows") == 1  # only the main process reports
+
+    def row_set(path):
+        return sorted((line[KEY_FIELD], json.dumps(line["messages"][:-1]), line["labels"]) for line in read_lines(path))
+
+    assert row_set(double) == row_set(single)
+
+
+def test_bad_inputs_give_one_line(tmp_path, tiny):
+    prompts = tiny / "data" / "prompts.jsonl"
+    existing = write_jsonl(tmp_path / "mine.jsonl", [{"note": "a file the user made"}])
+    cases = {
+        "missing model": (["--model", tmp_path / "nope", "--dataset", prompts, "--result_path", tmp_path / "a.jsonl"],
+                          "--model"),
+        "unknown backend": (["--model", tiny / "teacher", "--dataset", prompts, "--result_path", tmp_path / "b.jsonl",
+                             "--infer_backend", "tgi"], "invalid choice: 'tgi'"),
+        "unreadable dataset": (["--model", tiny / "teacher", "--dataset", tmp_path / "none.jsonl",
+                                "--result_path", tmp_path / "c.jsonl"], "no such file or folder"),
+        "missing folder": (["--model", tiny / "teacher", "--dataset", prompts,
+                            "--result_path", tmp_path / "no" / "d.jsonl"], "does not exist"),
+        "read-only folder": (["--model", tiny / "teacher", "--dataset", prompts, "--result_path", "/proc/e.jsonl"],
+                             "cannot write there"),
+        "not ours": (["--model", tiny / "teacher", "--dataset", prompts, "--result_path", existing],
+                     "was not written by gkd-infer"),
+    }
+    for name, (flags, expected) in cases.items():
+        run = gkd_infer(*flags)
+        assert run.returncode == 2, name
+        errors = [line for line in run.stderr.splitlines() if line.startswith("gkd-infer: error:")]
+        assert len(errors) == 1 and expected in errors[0], (name, run.stderr[-2000:])
+        assert "Traceback" not in run.stderr, name
+    assert existing.read_text() == '{"note": "a file the user made"}\n'
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "c.jsonl").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; /proc covers it above")
+def test_read_only_folder_for_non_root(tmp_path, tiny):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    run = gkd_infer("--model", tiny / "teacher", "--dataset", tiny / "data" / "prompts.jsonl",
+                    "--result_path", folder / "x.jsonl")
+    assert run.returncode == 2 and "cannot write there" in run.stderr
