@@ -9,6 +9,7 @@ One optimizer step, as in the paper's pseudocode:
    completion tokens, plus sft_alpha * cross-entropy on the samples the student did not write.
 """
 
+import inspect
 import random
 import time
 
@@ -17,7 +18,11 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from gkd.data import IGNORE_INDEX, build_batch, collate_examples
-from gkd.loss import generalized_jsd_loss
+from gkd.errors import GKDUserError
+from gkd.loss import (
+    chunked_generalized_jsd_loss, fused_generalized_jsd_loss, generalized_jsd_loss, teacher_topk,
+    topk_generalized_jsd_loss,
+)
 from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine, derive_seed
 
 SOURCES = ("student", "teacher", "dataset")
@@ -29,6 +34,32 @@ def sample_source(seed: int, global_step: int, sample_index: int, lmbda: float, 
     if random.Random(derive_seed(seed, global_step, sample_index)).random() < lmbda:
         return "student"
     return "teacher" if seq_kd else "dataset"
+
+
+def why_not_fusable(model) -> str | None:
+    """None when the loss can be fused with the model's LM head, else the reason it cannot."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"{type(base).__name__}'s LM head is a {type(head).__name__}, not a plain Linear layer"
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward has no logits_to_keep argument to skip its own LM head"
+    config = base.config
+    # Models that transform logits after the head: fusing would compare the wrong distributions.
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (None, 1.0) \
+            or getattr(config, "logits_scaling", 1.0) not in (None, 1.0):
+        return f"{type(base).__name__} rescales or caps its logits after the LM head"
+    return None
+
+
+def choose_loss_impl(requested: str | None, topk: int | None, student, teacher) -> str:
+    if topk is not None:
+        return "topk"
+    reasons = [why_not_fusable(student), why_not_fusable(teacher)]
+    reason = next((reason for reason in reasons if reason), None)
+    if requested == "fused" and reason:
+        raise GKDUserError(f"--loss_impl fused: {reason}; use --loss_impl chunked")
+    return requested or ("chunked" if reason else "fused")
 
 
 class GKDTrainer(Trainer):
@@ -51,6 +82,12 @@ class GKDTrainer(Trainer):
             self.pad_token_id = self.processing_class.eos_token_id
 
         self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        self.loss_impl = choose_loss_impl(gkd_args.loss_impl, gkd_args.gkd_logits_topk, model, self.teacher)
+        # Small chunks suit a CPU's caches; a GPU wants larger ones, or kernel launches dominate.
+        self.loss_chunk_size = gkd_args.loss_chunk_size or (256 if self.args.device.type == "cuda" else None)
+        if gkd_args.gkd_logits_topk is not None and gkd_args.gkd_logits_topk > compared_vocab_size:
+            raise GKDUserError(f"--gkd_logits_topk {gkd_args.gkd_logits_topk}: must be at most the vocabulary "
+                               f"size {compared_vocab_size}")
         self.student_engine = student_engine or TransformersEngine(model, self.pad_token_id)
         self.teacher_engine = teacher_engine or TransformersEngine(self.teacher, self.pad_token_id)
         self._weights_synced_at_step = None
@@ -124,21 +161,48 @@ class GKDTrainer(Trainer):
     def _loss_sums(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed generalized JSD and summed cross-entropy (on non-student samples) of one micro-batch."""
         forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-        vocab = self.compared_vocab_size
-        student_logits = model(**forward).logits[:, :-1, :vocab]
-        with torch.no_grad():
-            teacher_logits = self.teacher(**forward).logits[:, :-1, :vocab]
         labels = inputs["labels"][:, 1:]
-        jsd_sum = generalized_jsd_loss(
-            student_logits, teacher_logits, labels, beta=self.gkd.beta,
-            temperature=self.gkd.loss_temperature, reduction="sum",
-        )
-        sft_sum = jsd_sum.new_zeros(())
-        if self.gkd.sft_alpha > 0:
-            sft_labels = labels.masked_fill(inputs["from_student"][:, None], IGNORE_INDEX)
-            sft_sum = F.cross_entropy(
-                student_logits.flatten(0, 1).float(), sft_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        sft_labels = labels.masked_fill(inputs["from_student"][:, None], IGNORE_INDEX)
+        vocab = self.compared_vocab_size
+        options = {"beta": self.gkd.beta, "temperature": self.gkd.loss_temperature, "reduction": "sum"}
+        chunk = {} if self.loss_chunk_size is None else {"chunk_size": self.loss_chunk_size}
+        student_head = self.accelerator.unwrap_model(model).get_output_embeddings()
+
+        if self.loss_impl == "fused":
+            # logits_to_keep=1: the models' own heads project one position; the loss projects the rest
+            # chunk by chunk, so neither model's full logits ever exist.
+            hidden = {**forward, "output_hidden_states": True, "logits_to_keep": 1}
+            student_hidden = model(**hidden).hidden_states[-1][:, :-1]
+            with torch.no_grad():
+                teacher_hidden = self.teacher(**hidden).hidden_states[-1][:, :-1]
+            teacher_head = self.teacher.get_output_embeddings()
+            jsd_sum = fused_generalized_jsd_loss(
+                student_hidden, student_head.weight[:vocab], teacher_hidden, teacher_head.weight[:vocab], labels,
+                student_lm_head_bias=None if student_head.bias is None else student_head.bias[:vocab],
+                teacher_lm_head_bias=None if teacher_head.bias is None else teacher_head.bias[:vocab],
+                **options, **chunk,
             )
+            sft_positions = sft_labels != IGNORE_INDEX
+            sft_logits = student_head(student_hidden[sft_positions])[:, :vocab] if self.gkd.sft_alpha > 0 else None
+            sft_targets = sft_labels[sft_positions]
+        else:
+            student_logits = model(**forward).logits[:, :-1, :vocab]
+            with torch.no_grad():
+                teacher_logits = self.teacher(**forward).logits[:, :-1, :vocab]
+                if self.loss_impl == "topk":  # keep K per position, let the full logits go
+                    teacher_logits = teacher_topk(teacher_logits, self.gkd.gkd_logits_topk, self.gkd.loss_temperature)
+            if self.loss_impl == "exact":
+                jsd_sum = generalized_jsd_loss(student_logits, teacher_logits, labels, **options)
+            elif self.loss_impl == "chunked":
+                jsd_sum = chunked_generalized_jsd_loss(student_logits, teacher_logits, labels, **options, **chunk)
+            else:
+                jsd_sum = topk_generalized_jsd_loss(student_logits, teacher_logits, labels,
+                                                    tail_bucket=self.gkd.gkd_logits_topk_tail, **options)
+            sft_logits, sft_targets = student_logits.flatten(0, 1), sft_labels.flatten()
+
+        if self.gkd.sft_alpha == 0:
+            return jsd_sum, jsd_sum.new_zeros(())
+        sft_sum = F.cross_entropy(sft_logits.float(), sft_targets, ignore_index=IGNORE_INDEX, reduction="sum")
         return jsd_sum, sft_sum
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -79,11 +79,18 @@ def make_trainer(tmp_path, tokenizer, student, teacher, examples, *, batch_size,
 # ----------------------------------------------------------------------------- normalisation
 
 
-@pytest.mark.parametrize("beta, sft_alpha", [(0.5, 0.0), (0.0, 0.3), (1.0, 0.0)])
-def test_one_step_equals_the_per_token_mean_over_the_whole_step(tmp_path, tiny, tokenizer, beta, sft_alpha):
+@pytest.mark.parametrize(
+    "beta, sft_alpha, loss_impl",
+    [(0.5, 0.0, "fused"), (0.0, 0.3, "fused"), (1.0, 0.0, "fused"), (0.5, 0.3, "chunked"), (0.9, 0.0, "exact"),
+     (0.5, 0.3, "topk")],
+)
+def test_one_step_equals_the_per_token_mean_over_the_whole_step(tmp_path, tiny, tokenizer, beta, sft_alpha,
+                                                                 loss_impl):
     """Four samples of very different completion lengths: one step of batch 4, of batch 2 x 2 accumulated,
     and of batch 1 x 4 accumulated must all move the weights as the gradient of
-    (sum of per-token losses over the 4 samples) / (their completion tokens) does."""
+    (sum of per-token losses over the 4 samples) / (their completion tokens) does, whichever loss
+    implementation computes it (top-k with K = the whole vocabulary is exact)."""
+    flags = {"loss_impl": None, "gkd_logits_topk": 320} if loss_impl == "topk" else {"loss_impl": loss_impl}
     examples = make_examples(tokenizer, ["1", "22 + 22 = 44 and that is it", "3", "4 + 4 = 8"])
 
     reference, teacher = AutoModelForCausalLM.from_pretrained(tiny / "student"), AutoModelForCausalLM.from_pretrained(
@@ -104,7 +111,8 @@ def test_one_step_equals_the_per_token_mean_over_the_whole_step(tmp_path, tiny, 
     for batch_size, accumulation in [(4, 1), (2, 2), (1, 4)]:
         student = AutoModelForCausalLM.from_pretrained(tiny / "student")
         trainer = make_trainer(tmp_path, tokenizer, student, teacher, examples, batch_size=batch_size,
-                               accumulation=accumulation, beta=beta, sft_alpha=sft_alpha)
+                               accumulation=accumulation, beta=beta, sft_alpha=sft_alpha, **flags)
+        assert trainer.loss_impl == loss_impl
         trainer.train()
         for name, param in student.named_parameters():
             torch.testing.assert_close(param.detach(), expected[name], rtol=1e-4, atol=1e-6,
@@ -167,6 +175,17 @@ def test_seeded_generation_repeats_and_leaves_the_training_rng_alone(tokenizer, 
 
 
 # ----------------------------------------------------------------------------- vocabularies
+
+
+def test_fused_is_the_default_where_the_heads_allow_it(tmp_path, tokenizer, models):
+    student, teacher = models
+    examples = make_examples(tokenizer, ["1"])
+    assert make_trainer(tmp_path, tokenizer, student, teacher, examples, batch_size=1, accumulation=1).loss_impl == "fused"
+    student.config.final_logit_softcapping = 30.0  # as Gemma 2: the head's output is transformed
+    assert make_trainer(tmp_path, tokenizer, student, teacher, examples, batch_size=1,
+                        accumulation=1).loss_impl == "chunked"
+    with pytest.raises(GKDUserError, match="--loss_impl fused: LlamaForCausalLM rescales or caps its logits"):
+        make_trainer(tmp_path, tokenizer, student, teacher, examples, batch_size=1, accumulation=1, loss_impl="fused")
 
 
 def test_padding_rows_are_tolerated_but_another_tokenizer_is_refused(tiny, tokenizer, models):
