@@ -4,7 +4,7 @@ Runs the real `gkd-train` as a subprocess on the tiny models (scripts/make_tiny_
 source, and reads the per-step wall time that gkd-train logs (`step_seconds`, logging every step).
 The first step (warm-up) is left out of the median. Peak memory is the child's maximum resident set.
 
-    python scripts/bench_train_step.py [--tiny_dir examples/tiny] [--steps 12] [--batch_size 8]
+    python scripts/bench_train_step.py [--tiny_dir examples/tiny] [--steps 12] [--batch_size 8] [-- GKD_FLAGS]
 """
 
 import argparse
@@ -32,7 +32,7 @@ def run(tiny: Path, source_flags: list[str], args, output_dir: Path) -> tuple[li
         "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch_size),
         "--max_completion_length", str(args.max_completion_length), "--logging_steps", "1",
         "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
-        *source_flags,
+        *source_flags, *args.gkd_flags,
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = process.stdout.read()
@@ -49,7 +49,10 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_completion_length", type=int, default=24)
+    parser.add_argument("gkd_flags", nargs=argparse.REMAINDER,
+                        help="more gkd-train flags after --, e.g. -- --loss_impl exact")
     args = parser.parse_args()
+    args.gkd_flags = [flag for flag in args.gkd_flags if flag != "--"]
     if not (args.tiny_dir / "student").is_dir():
         sys.exit(f"{args.tiny_dir}: no tiny models; run python scripts/make_tiny_models.py first")
 
@@ -64,7 +67,8 @@ def main():
                          statistics.median(shares), statistics.mean(lengths), peak_mib))
 
     print(f"tiny models, batch {args.batch_size}, {args.steps} steps (median over steps 2..{args.steps}), "
-          f"max_completion_length {args.max_completion_length}, {os.cpu_count()} CPUs")
+          f"max_completion_length {args.max_completion_length}, {os.cpu_count()} CPUs "
+          f"{' '.join(args.gkd_flags)}")
     print("| source | median step s | min | max | generating | completion tokens | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for source, median, low, high, share, length, peak in rows:
