@@ -72,6 +72,8 @@ class GKDTrainer(Trainer):
         # The collator hands over token lists; Trainer must not strip them as unknown model inputs.
         args.remove_unused_columns = False
         args.dataloader_pin_memory = False  # batches are token lists until the step builds tensors
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False  # every student parameter takes part in the loss
         super().__init__(model=model, args=args, data_collator=collate_examples, **kwargs)
         self.gkd = gkd_args
         self.stop_token_ids = tuple(stop_token_ids)

@@ -87,11 +87,19 @@ def train(config: GKDConfig) -> None:
         tokenizer.save_pretrained(training.output_dir)
     else:
         trainer.save_model(training.output_dir)
-    logger.info("saved the distilled student to %s", training.output_dir)
+    if trainer.is_world_process_zero():
+        logger.info("saved the distilled student to %s", training.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        # Several processes (torchrun) on a machine without CUDA: transformers forms the gloo group only
+        # when told it trains on the CPU.
+        if not torch.cuda.is_available():
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     output_dir = None
     created_output_dir = False
     try:
