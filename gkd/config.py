@@ -65,8 +65,8 @@ class DataArguments:
     truncation_strategy: Literal["delete", "left", "right", "raise"] = field(
         default="delete",
         metadata={
-            "help": "Rows longer than --max_length: delete them, cut the prompt's left end, cut the "
-            "completion's right end, or stop with an error."
+            "help": "Rows longer than --max_length: delete them, cut the prompt's left end (and the "
+            "completion's end if it alone is too long), cut the completion's right end, or stop with an error."
         },
     )
 
@@ -325,6 +325,12 @@ def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> Non
         ]
     if gkd.sft_alpha > 0 and gkd.lmbda == 1:
         problems.append(f"--sft_alpha {gkd.sft_alpha} has no effect with --lmbda 1 (every completion is the student's)")
+    if training.deepspeed or training.fsdp:
+        flag = "--deepspeed" if training.deepspeed else "--fsdp"
+        problems.append(
+            f"{flag}: not supported by gkd-train yet (generation under ZeRO-3/FSDP needs every process to take "
+            "part); use DDP: torchrun or accelerate launch without it"
+        )
     resume = training.resume_from_checkpoint
     if resume and resume.lower() not in ("true", "last") and not os.path.isdir(resume):
         problems.append(f"--resume_from_checkpoint {resume}: no such checkpoint folder (or 'true' for the latest)")

@@ -38,6 +38,8 @@ class DatasetSpec:
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
+        if os.path.exists(os.path.expanduser(text)):  # a real path may hold '#' or ':'
+            return cls(source=text)
         source, count = text, None
         if "#" in source:
             source, _, count_text = source.rpartition("#")

@@ -58,6 +58,11 @@ def stop_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def pad_token_id(tokenizer) -> int:
+    """Tokenizers without a pad token (Llama 3) pad with EOS; masks come from lengths, so that is safe."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def output_vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 

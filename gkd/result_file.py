@@ -20,8 +20,8 @@ SETTINGS_SUFFIX = ".gkd-infer.json"
 
 def check_result_path(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise GKDUserError(f"--result_path {path}: is a folder; name a .jsonl file")
+    if os.path.isdir(path) or not path.endswith(".jsonl"):
+        raise GKDUserError(f"--result_path {path}: name a .jsonl file (one JSON object a line)")
     if not os.path.isdir(folder):
         raise GKDUserError(f"--result_path {path}: the folder {folder} does not exist")
     # A real write, not os.access: root passes permission checks on read-only mounts that still refuse.
@@ -62,8 +62,13 @@ class ResultFile:
                 f"--result_path {self.path}: exists but was not written by gkd-infer (no {self.settings_path} "
                 "beside it); name another file"
             )
-        with open(self.settings_path, encoding="utf-8") as handle:
-            stored = json.load(handle)
+        try:
+            with open(self.settings_path, encoding="utf-8") as handle:
+                stored = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise GKDUserError(f"{self.settings_path}: cannot read gkd-infer's settings ({error})") from None
+        if not isinstance(stored, dict):
+            raise GKDUserError(f"{self.settings_path}: not gkd-infer's settings")
         differing = [name for name in sorted(set(stored) | set(self.settings))
                      if stored.get(name) != self.settings.get(name)]
         if differing:

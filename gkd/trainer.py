@@ -23,6 +23,7 @@ from gkd.loss import (
     chunked_generalized_jsd_loss, fused_generalized_jsd_loss, generalized_jsd_loss, teacher_topk,
     topk_generalized_jsd_loss,
 )
+from gkd.models import pad_token_id
 from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine, derive_seed
 
 SOURCES = ("student", "teacher", "dataset")
@@ -79,9 +80,7 @@ class GKDTrainer(Trainer):
         self.stop_token_ids = tuple(stop_token_ids)
         self.compared_vocab_size = compared_vocab_size
         self.max_length = max_length
-        self.pad_token_id = self.processing_class.pad_token_id
-        if self.pad_token_id is None:
-            self.pad_token_id = self.processing_class.eos_token_id
+        self.pad_token_id = pad_token_id(self.processing_class)
 
         self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
         self.loss_impl = choose_loss_impl(gkd_args.loss_impl, gkd_args.gkd_logits_topk, model, self.teacher)
@@ -94,6 +93,7 @@ class GKDTrainer(Trainer):
         self.teacher_engine = teacher_engine or TransformersEngine(self.teacher, self.pad_token_id)
         self._weights_synced_at_step = None
         self._reset_metrics()
+        self._metrics_since_step = None  # set at the first step: a resumed run starts at its checkpoint's step
 
     # ------------------------------------------------------------------ choosing and making completions
 
@@ -149,6 +149,8 @@ class GKDTrainer(Trainer):
         tokens over all processes: the loss divisor, recounted after generation replaced completions."""
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         global_step = self.state.global_step
+        if self._metrics_since_step is None:
+            self._metrics_since, self._metrics_since_step = time.perf_counter(), global_step
         batch_samples = [
             self._complete_batch(batch, global_step, index) for index, batch in enumerate(batch_samples)
         ]

@@ -63,6 +63,7 @@ def test_yaml_config_and_command_line_override(tmp_path):
         (["--tuner_type", "lora", "--lora_rank", "0"], "--lora_rank 0: must be in [1, inf]"),
         (["--lmbda", "1", "--sft_alpha", "0.5"], "--sft_alpha 0.5 has no effect with --lmbda 1"),
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "no such checkpoint folder"),
+        (["--fsdp", "full_shard"], "--fsdp: not supported by gkd-train yet"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(tmp_path, flags, expected):

@@ -23,6 +23,9 @@ def test_spec_syntax(tmp_path):
     odd = tmp_path / "a:b.jsonl"  # an existing path keeps its colon
     odd.write_text("")
     assert DatasetSpec.parse(f"{odd}#2") == DatasetSpec(str(odd), None, 2)
+    hashed = tmp_path / "run#1.jsonl"  # and its '#'
+    hashed.write_text("")
+    assert DatasetSpec.parse(str(hashed)) == DatasetSpec(str(hashed), None, None)
     with pytest.raises(GKDUserError, match="positive row count"):
         DatasetSpec.parse("data.jsonl#ten")
 

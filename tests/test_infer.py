@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import write_jsonl
-from gkd.cli.infer import sample_key
+from gkd.data import DatasetSpec, read_rows
 from gkd.result_file import KEY_FIELD
 
 
@@ -37,7 +37,7 @@ def test_output_round_trips_into_gkd_train(tmp_path, tiny):
 
     lines = read_lines(result)
     assert len(lines) == 12
-    assert {line[KEY_FIELD] for line in lines} == {sample_key(spec, row, answer) for row in range(6) for answer in range(2)}
+    assert len({line[KEY_FIELD] for line in lines}) == 12
     for line in lines:
         assert line["messages"][-1] == {"role": "assistant", "content": line["response"]}
         assert line["messages"][0]["role"] == "user" and len(line["messages"]) == 2
@@ -71,8 +71,22 @@ def test_sigkill_then_rerun_gives_every_row_exactly_once(tmp_path, tiny):
     rerun = gkd_infer(*flags)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{40 - written} rows" in rerun.stdout and f"{written} rows were already" in rerun.stdout
-    keys = [line[KEY_FIELD] for line in read_lines(result)]
-    assert sorted(keys) == sorted(sample_key(f"{spec}#40", row, 0) for row in range(40))
+    lines = read_lines(result)
+    assert len(lines) == 40 and len({line[KEY_FIELD] for line in lines}) == 40
+    drawn = [row for _, row in read_rows(DatasetSpec.parse(f"{spec}#40"), 42)]
+    assert sorted(json.dumps(line["messages"][:-1]) for line in lines) == sorted(
+        json.dumps(row["messages"]) for row in drawn)
+
+
+def test_a_spec_listed_twice_and_an_edited_input_resume_correctly(tmp_path, tiny):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"query": f"What is {i} + 1?"} for i in range(4)])
+    result = tmp_path / "twice.jsonl"
+    assert gkd_infer(*base_flags(tiny, result, data), "--dataset", data, data).returncode == 0
+    assert len(read_lines(result)) == 8  # both copies, with distinct keys
+    write_jsonl(data, [{"query": f"What is {i} + 1?"} for i in [0, 1, 2, 9]])  # the last row edited
+    rerun = gkd_infer(*base_flags(tiny, result, data), "--dataset", data, data)
+    assert rerun.returncode == 0 and "2 rows (" in rerun.stdout  # the edited row, once per copy
+    assert len(read_lines(result)) == 10
 
 
 def test_changed_settings_are_refused_on_resume(tmp_path, tiny):

@@ -6,15 +6,17 @@ each process samples its share of every write batch and the main process writes 
 """
 
 import hashlib
+import json
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 from gkd.config import InferArguments, parse_infer_config
 from gkd.data import DatasetSpec, check_chat_template, read_rows, row_to_messages, split_prompt_completion, tokenize_messages
 from gkd.errors import GKDUserError
-from gkd.models import DTYPES, load_model, load_tokenizer, stop_token_ids
+from gkd.models import DTYPES, load_model, load_tokenizer, pad_token_id, stop_token_ids
 from gkd.result_file import KEY_FIELD, ResultFile, check_result_path
 
 logger = logging.getLogger("gkd")
@@ -33,20 +35,28 @@ class Sample:
     label: str | None
 
 
-def sample_key(spec: str, position: int, answer: int) -> str:
-    return hashlib.sha256(f"{spec}\0{position}\0{answer}".encode()).hexdigest()[:20]
+def sample_key(spec_index: int, spec: str, row: dict, occurrence: int, answer: int) -> str:
+    """Names one response to one input row. Built from the row's content (and how many identical rows
+    came before it in the same spec), so that a resume after the input file was edited resamples
+    exactly the rows that changed, and a spec listed twice keeps both copies."""
+    content = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    text = f"{spec_index}\0{spec}\0{content}\0{occurrence}\0{answer}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def list_samples(args: InferArguments) -> list[Sample]:
     """Every (input row, response number) of the input, in order."""
     samples = []
-    for spec in args.val_dataset:
-        for position, (where, row) in enumerate(read_rows(DatasetSpec.parse(spec), args.seed)):
+    for spec_index, spec in enumerate(args.val_dataset):
+        seen = Counter()
+        for where, row in read_rows(DatasetSpec.parse(spec), args.seed):
+            content = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+            occurrence, seen[content] = seen[content], seen[content] + 1
             prompt_messages, label = split_prompt_completion(row_to_messages(row, where, args.system))
             if not prompt_messages:
                 raise GKDUserError(f"{where}: the row has an assistant turn but no prompt")
             for answer in range(args.num_return_sequences):
-                key = sample_key(spec, position, answer)
+                key = sample_key(spec_index, spec, row, occurrence, answer)
                 samples.append(Sample(key, len(samples), row, prompt_messages, label))
     return samples
 
@@ -73,8 +83,7 @@ def make_engine(args: InferArguments, tokenizer, device):
 
     dtype = "auto" if args.torch_dtype == "auto" else DTYPES[args.torch_dtype]
     model = load_model(args.model, dtype, args.attn_impl, args.trust_remote_code, "--model").to(device).eval()
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return TransformersEngine(model, pad_token_id, max_batch_size=args.max_batch_size), model
+    return TransformersEngine(model, pad_token_id(tokenizer), max_batch_size=args.max_batch_size), model
 
 
 def open_result_file(args: InferArguments, state) -> tuple[ResultFile | None, set[str]]:
@@ -147,6 +156,8 @@ def infer(args: InferArguments) -> None:
         progress.close()
         if result_file is not None:
             result_file.close()
+    if state.num_processes > 1:
+        state.destroy_process_group()  # left to interpreter exit, gloo's teardown can abort the process
     seconds = time.perf_counter() - started
     if state.is_main_process:
         print(f"gkd-infer: {written} rows ({generated_tokens} generated tokens) in {seconds:.1f} s: "

@@ -83,8 +83,10 @@ def train(config: GKDConfig) -> None:
 
     if config.tuner.tuner_type == "lora":
         # A plain Hugging Face model in output_dir; the adapter itself stays in the checkpoints.
-        trainer.model.merge_and_unload().save_pretrained(training.output_dir)
-        tokenizer.save_pretrained(training.output_dir)
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(training.output_dir)
+            tokenizer.save_pretrained(training.output_dir)
     else:
         trainer.save_model(training.output_dir)
     if trainer.is_world_process_zero():
@@ -108,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         created_output_dir = not os.path.exists(output_dir)
         train(config)
     except GKDUserError as error:
-        # Bad input leaves nothing behind that this run made.
-        if created_output_dir and os.path.isdir(output_dir):
+        # Bad input leaves nothing behind that this run made; checkpoints, once written, are kept.
+        if created_output_dir and os.path.isdir(output_dir) and not any(
+            name.startswith("checkpoint-") for name in os.listdir(output_dir)
+        ):
             shutil.rmtree(output_dir, ignore_errors=True)
         print(f"gkd-train: error: {error}", file=sys.stderr)
         sys.exit(2)
