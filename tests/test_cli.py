@@ -3,6 +3,7 @@
 import ast
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import write_jsonl
+from conftest import REPO, write_jsonl
 
 
 def gkd_train(*flags, cwd=None):
@@ -165,3 +166,16 @@ def test_two_processes_step_like_one_with_the_same_global_batch(tmp_path, tiny):
     assert counts == [[ast.literal_eval(line)[f"samples_{source}"] for source in ("student", "dataset")]
                       for line in logs_two]
     assert all(sum(step) == 4 for step in counts)
+
+
+@pytest.mark.parametrize("script", ["single_process", "multi_process", "lora", "two_step"])
+def test_example_scripts_run(tmp_path, tiny, script):
+    environment = {
+        **os.environ, "STUDENT": str(tiny / "student"), "TEACHER": str(tiny / "teacher"), "MAX_STEPS": "2",
+        "DATA": str(tiny / "data" / ("prompts.jsonl#8" if script == "two_step" else "train.jsonl")),
+        "MAX_NEW_TOKENS": "8", "OUTPUT_DIR": str(tmp_path / "out"), "SAMPLES": str(tmp_path / "samples.jsonl"),
+    }
+    result = subprocess.run(["bash", f"examples/scripts/{script}.sh", "--save_steps", "2"], cwd=REPO,
+                            env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
