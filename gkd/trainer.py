@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+from transformers.trainer_utils import EvalLoopOutput
 
 from gkd.data import IGNORE_INDEX, build_batch, collate_examples
 from gkd.errors import GKDUserError
@@ -221,14 +222,28 @@ class GKDTrainer(Trainer):
         # process's tokens, so scale back up to get the gradient of (global sum / global count).
         return total / num_items_in_batch.clamp(min=1) * self.accelerator.num_processes
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation loss: generalized JSD per completion token on the dataset's own completions."""
-        batch = build_batch(inputs["prompt_ids"], inputs["completion_ids"], self.pad_token_id)
-        batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
-        batch["from_student"] = torch.zeros(len(inputs["prompt_ids"]), dtype=torch.bool, device=self.args.device)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            jsd_sum, _ = self._loss_sums(model, batch)
-        return jsd_sum / batch["labels"].ne(IGNORE_INDEX).sum().clamp(min=1), None, None
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """eval_loss: the generalized JSD per completion token over the whole evaluation set (all
+        processes), on the dataset's own completions. Trainer's own loop would average per-batch means."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # summed JSD, tokens
+        samples = 0
+        for inputs in dataloader:
+            batch = build_batch(inputs["prompt_ids"], inputs["completion_ids"], self.pad_token_id)
+            batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
+            batch["from_student"] = torch.zeros(len(inputs["prompt_ids"]), dtype=torch.bool, device=self.args.device)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                jsd_sum, _ = self._loss_sums(model, batch)
+            totals += torch.stack([jsd_sum.double(), batch["labels"].ne(IGNORE_INDEX).sum().double()])
+            samples += len(inputs["prompt_ids"])
+        model.train(was_training)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        metrics = {f"{metric_key_prefix}_loss": (totals[0] / totals[1].clamp(min=1)).item()}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=samples)
 
     # ------------------------------------------------------------------ logging
 

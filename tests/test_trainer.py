@@ -201,3 +201,17 @@ def test_padding_rows_are_tolerated_but_another_tokenizer_is_refused(tiny, token
     student.resize_token_embeddings(200)  # fewer rows than tokens
     with pytest.raises(GKDUserError, match="output layer has 200 rows but the tokenizer has 259"):
         check_vocabularies(tokenizer, tokenizer, student, teacher, "s", "t")
+
+
+def test_eval_loss_is_per_completion_token_over_the_whole_set(tmp_path, tokenizer, models):
+    student, teacher = models
+    examples = make_examples(tokenizer, ["1", "22 + 22 = 44 and more words here", "3"])
+    trainer = make_trainer(tmp_path, tokenizer, student, teacher, examples, batch_size=2, accumulation=1)
+    trainer.args.per_device_eval_batch_size = 2  # batches of 2 and 1: a mean of batch means would differ
+    batch = build_batch([e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples],
+                        tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = [m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                  for m in (student, teacher)]
+    expected = generalized_jsd_loss(*logits, batch["labels"][:, 1:], beta=0.5).item()
+    assert trainer.evaluate(examples)["eval_loss"] == pytest.approx(expected, rel=1e-5)
