@@ -55,25 +55,10 @@ def generalized_jsd_loss(
     position whose logits are all -inf gives NaN. Gradients flow into both inputs; detach the
     teacher's logits yourself.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape"
-        )
-    if student_logits.dim() < 1:
-        raise ValueError("logits need a vocabulary dimension")
-    if labels is not None and labels.shape != student_logits.shape[:-1]:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} must match the logits' shape without the vocabulary "
-            f"dimension {tuple(student_logits.shape[:-1])}"
-        )
-    beta, temperature = float(beta), float(temperature)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if not temperature > 0.0 or math.isinf(temperature):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
+    _check_same_shape(student_logits.shape, teacher_logits.shape)
+    if labels is not None:
+        _check_labels(labels, student_logits.shape[:-1])
+    beta, temperature = _check_options(beta, temperature, reduction)
 
     wide = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
     dtype = torch.float64 if wide else torch.float32
@@ -127,6 +112,22 @@ def generalized_jsd_loss(
 _LOG_FLOOR = -1.0e4
 
 
+def _check_same_shape(student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+    if student_shape != teacher_shape or len(student_shape) < 1:
+        raise ValueError(
+            f"student_logits {tuple(student_shape)} and teacher_logits {tuple(teacher_shape)} "
+            "must have the same shape, with a vocabulary dimension"
+        )
+
+
+def _check_labels(labels: torch.Tensor, positions: torch.Size) -> None:
+    if labels.shape != positions:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must match the logits' shape without the vocabulary "
+            f"dimension {tuple(positions)}"
+        )
+
+
 def _check_temperature(temperature) -> float:
     temperature = float(temperature)
     if not temperature > 0.0 or math.isinf(temperature):
@@ -158,11 +159,7 @@ def _counted_rows(labels, positions: torch.Size, ignore_index: int, device) -> t
     """Flat indices (ascending) of the positions that count: label != ignore_index, or all."""
     if labels is None:
         return torch.arange(math.prod(positions), device=device)
-    if labels.shape != positions:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} must match the logits' shape without the vocabulary "
-            f"dimension {tuple(positions)}"
-        )
+    _check_labels(labels, positions)
     return (labels.reshape(-1) != ignore_index).nonzero().squeeze(1).to(device)
 
 
@@ -350,11 +347,7 @@ def chunked_generalized_jsd_loss(
     flows into them, whatever their requires_grad; the trainer computes them under no_grad), and
     the loss cannot be differentiated twice (create_graph=True).
     """
-    if student_logits.shape != teacher_logits.shape or student_logits.dim() < 1:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape, with a vocabulary dimension"
-        )
+    _check_same_shape(student_logits.shape, teacher_logits.shape)
     beta, temperature = _check_options(beta, temperature, reduction)
     chunk_size = _check_chunk_size(chunk_size)
     rows = _counted_rows(labels, student_logits.shape[:-1], ignore_index, student_logits.device)
@@ -602,11 +595,7 @@ def _teacher_topk_rows(teacher, logits_shape: torch.Size, topk, temperature: flo
     """The teacher's top-k (log-probabilities, ids, tail log-probability) at the counted rows,
     from its full logits or from a precomputed TeacherTopK (checked against the loss's options)."""
     if not isinstance(teacher, TeacherTopK):
-        if teacher.shape != logits_shape:
-            raise ValueError(
-                f"student_logits {tuple(logits_shape)} and teacher_logits "
-                f"{tuple(teacher.shape)} must have the same shape"
-            )
+        _check_same_shape(logits_shape, teacher.shape)
         if topk is None:
             raise ValueError("topk is required with full teacher logits")
         flat = teacher.reshape(-1, logits_shape[-1]).index_select(0, rows)
