@@ -1,7 +1,8 @@
 # The README's two commands: `make demo` (the main job on the embedded tiny models) and `make test`.
 PYTHON ?= python3
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: install tiny demo test
+.PHONY: install tiny demo test test-vllm
 
 install:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -12,5 +13,12 @@ tiny: install
 demo: tiny
 	gkd-train --config examples/tiny.yaml
 
+# The default suite, then the vLLM tests: in this environment when it has vLLM (a GPU machine with
+# gkd[vllm]), else in $(VLLM_VENV) with the CPU build of vLLM.
 test: install
 	$(PYTHON) -m pytest
+	@if $(PYTHON) -c "import vllm" 2>/dev/null; then echo "vLLM tests: run above"; else $(MAKE) test-vllm; fi
+
+test-vllm:
+	PYTHON=$(PYTHON) GKD_VLLM_VENV=$(VLLM_VENV) bash scripts/setup_vllm_env.sh
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_VENV)/bin/python -m pytest -m vllm

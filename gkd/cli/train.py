@@ -1,27 +1,22 @@
 """gkd-train: distil a teacher into a student with GKD. Reads top to bottom as the recipe it runs."""
 
+import dataclasses
 import logging
 import os
 import shutil
 import sys
 
-from transformers import GenerationConfig, set_seed
+from transformers import set_seed
 
 from gkd.config import GKDConfig, parse_config
 from gkd.data import check_chat_template, load_examples
 from gkd.errors import GKDUserError
 from gkd.models import (
-    apply_lora, check_vocabularies, load_model, load_tokenizer, resolve_dtypes, stop_token_ids,
+    apply_lora, check_vocabularies, generation_config, load_model, load_tokenizer, resolve_dtypes, stop_token_ids,
+    tokenizer_fingerprint,
 )
 
 logger = logging.getLogger("gkd")
-
-
-def _generation_config(name: str, trust_remote_code: bool):
-    try:
-        return GenerationConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):  # many checkpoints ship none; the tokenizer's EOS is enough then
-        return None
 
 
 def _teacher_tokenizer(config: GKDConfig):
@@ -33,6 +28,34 @@ def _teacher_tokenizer(config: GKDConfig):
         return None
 
 
+def _vllm_dtype(config: GKDConfig) -> str:
+    if config.model.torch_dtype:
+        return config.model.torch_dtype
+    return "bfloat16" if config.training.bf16 else "float16" if config.training.fp16 else "auto"
+
+
+def make_student_engine(config: GKDConfig, student, tokenizer):
+    """The engine that samples the student's completions: None (transformers generate, the default),
+    vLLM in this process (colocate), or a gkd-rollout server."""
+    vllm = config.vllm
+    if not vllm.use_vllm:
+        return None
+    if vllm.vllm_mode == "server":
+        from gkd.sampling.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine(vllm.vllm_server_host, vllm.vllm_server_port, vllm.vllm_server_timeout,
+                                model=student, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    from gkd.sampling.vllm_engine import VLLMEngine
+
+    _ = config.training.device  # sets up the process group that vLLM's engine joins under torchrun
+    # Without --vllm_max_model_len, --max_length bounds what vLLM must hold.
+    engine_args = dataclasses.replace(vllm, vllm_max_model_len=vllm.vllm_max_model_len or config.data.max_length)
+    return VLLMEngine.from_arguments(
+        config.model.model, engine_args, sleep_level=vllm.sleep_level, dtype=_vllm_dtype(config),
+        seed=config.training.seed, trust_remote_code=config.model.trust_remote_code,
+    )
+
+
 def train(config: GKDConfig) -> None:
     from gkd.trainer import GKDTrainer  # imports torch-heavy Trainer machinery; not needed to refuse bad flags
 
@@ -42,7 +65,7 @@ def train(config: GKDConfig) -> None:
     # Tokenizer and data first: a bad row should stop the run before minutes of model loading.
     tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
     check_chat_template(tokenizer, model_args.model)
-    stop_ids = stop_token_ids(tokenizer, _generation_config(model_args.model, model_args.trust_remote_code))
+    stop_ids = stop_token_ids(tokenizer, generation_config(model_args.model, model_args.trust_remote_code))
     need_completions = gkd_args.lmbda < 1 and not gkd_args.seq_kd
     data_settings = dict(seed=training.seed, system=data_args.system, max_length=data_args.max_length,
                          truncation_strategy=data_args.truncation_strategy)
@@ -70,6 +93,7 @@ def train(config: GKDConfig) -> None:
         model=student, teacher_model=teacher, args=training, gkd_args=gkd_args,
         stop_token_ids=stop_ids, compared_vocab_size=compared_vocab_size, max_length=data_args.max_length,
         train_dataset=train_examples, eval_dataset=eval_examples, processing_class=tokenizer,
+        student_engine=make_student_engine(config, student, tokenizer),
     )
     resume = training.resume_from_checkpoint
     if resume is not None and resume.lower() in ("true", "last"):

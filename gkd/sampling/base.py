@@ -15,6 +15,11 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def prompt_seeds(seed: int | None, count: int) -> list[int | None]:
+    """One seed per prompt, so that a prompt's completion does not depend on which prompts share its call."""
+    return [None if seed is None else derive_seed(seed, index) for index in range(count)]
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     max_new_tokens: int
@@ -26,6 +31,10 @@ class SamplingSettings:
 
 
 class SamplingEngine(abc.ABC):
+    # True when every process must call generate and sync_weights together, even with no prompts of its
+    # own (an engine that gathers all processes' prompts to one server).
+    collective = False
+
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
         """One completion per prompt, ending at (and including) its first stop token when it has one."""
@@ -35,3 +44,6 @@ class SamplingEngine(abc.ABC):
 
         Engines that sample from the training model itself have nothing to do.
         """
+
+    def idle(self) -> None:
+        """No more generation until the weights change: an engine may release memory until then."""
