@@ -8,12 +8,14 @@ in. transformers' HfArgumentParser turns the dataclasses into argparse groups an
 import argparse
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -134,6 +136,11 @@ class GKDArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Write into a non-empty --output_dir (files of the same name are replaced)."},
+    )
+    offload_teacher_model: bool = field(
+        default=False,
+        metadata={"help": "Keep the teacher in CPU memory, moving it to the device only for its forwards and "
+                  "generations (slower; frees its device memory for the student)."},
     )
 
 
@@ -306,6 +313,20 @@ def _read_yaml_config(path: str, parser: HfArgumentParser) -> tuple[list[str], d
     return argv, origin
 
 
+DEEPSPEED_CONFIGS = os.path.join(os.path.dirname(__file__), "deepspeed_configs")
+DEEPSPEED_NAMES = ("zero0", "zero2")
+
+
+def deepspeed_config_path(value: str) -> str:
+    """--deepspeed zero2 (ms-swift's shorthand) means gkd's shipped zero2.json; a path stays a path."""
+    return os.path.join(DEEPSPEED_CONFIGS, f"{value}.json") if value in DEEPSPEED_NAMES else value
+
+
+def _expand_deepspeed_names(argv: list[str]) -> list[str]:
+    return [deepspeed_config_path(token) if index and argv[index - 1] == "--deepspeed" else token
+            for index, token in enumerate(argv)]
+
+
 def parse_dataclasses(parser: HfArgumentParser, argv: list[str] | None) -> tuple[list, dict[str, str]]:
     """Parse argv, after the --config file's values, into the parser's dataclasses.
 
@@ -320,6 +341,13 @@ def parse_dataclasses(parser: HfArgumentParser, argv: list[str] | None) -> tuple
     if known.config:
         config_argv, origin = _read_yaml_config(known.config, parser)
         argv = config_argv + argv
+    argv = _expand_deepspeed_names(argv)
+    for index, token in enumerate(argv[:-1]):
+        if token == "--deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            raise GKDUserError("--deepspeed needs DeepSpeed: pip install 'gkd[deepspeed]'")
+        if token == "--deepspeed" and not os.path.isfile(argv[index + 1]):
+            raise GKDUserError(f"--deepspeed {argv[index + 1]}: neither one of {', '.join(DEEPSPEED_NAMES)} nor a "
+                               "JSON file" + (f" (from {origin['deepspeed']})" if "deepspeed" in origin else ""))
     try:
         *instances, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except GKDUserError:
@@ -347,6 +375,17 @@ def in_range(name: str, value, low, high, *, low_open=False, high_open=False) ->
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         return f"--{name} {value}: must be in {interval}"
     return None
+
+
+def _zero_stage(training: TrainingArguments) -> str | None:
+    """The ZeRO stage the student will train under: from --deepspeed, or from accelerate launch's config."""
+    if training.deepspeed:
+        return str(training.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0))
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file and os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as handle:
+            return str(json.load(handle).get("zero_optimization", {}).get("stage", 0))
+    return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
 
 
 def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> None:
@@ -399,12 +438,16 @@ def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> Non
         ]
     if gkd.sft_alpha > 0 and gkd.lmbda == 1:
         problems.append(f"--sft_alpha {gkd.sft_alpha} has no effect with --lmbda 1 (every completion is the student's)")
-    if training.deepspeed or training.fsdp:
-        flag = "--deepspeed" if training.deepspeed else "--fsdp"
-        problems.append(
-            f"{flag}: not supported by gkd-train yet (generation under ZeRO-3/FSDP needs every process to take "
-            "part); use DDP: torchrun or accelerate launch without it"
-        )
+    zero_stage = _zero_stage(training)
+    if training.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        problems.append("FSDP: not supported by gkd-train yet (generating from a sharded student needs its "
+                        "weights gathered on every process); use DDP or --deepspeed zero2")
+    elif zero_stage == "3":
+        problems.append("--deepspeed: ZeRO-3 is not supported by gkd-train yet (generating from a partitioned "
+                        "student needs its weights gathered on every process); use --deepspeed zero2")
+    elif training.deepspeed and not torch.cuda.is_available():
+        problems.append("--deepspeed: needs GPUs (accelerate runs CPU processes as plain data-parallel, without "
+                        "DeepSpeed); on a CPU use torchrun without it")
     resume = training.resume_from_checkpoint
     if resume and resume.lower() not in ("true", "last") and not os.path.isdir(resume):
         problems.append(f"--resume_from_checkpoint {resume}: no such checkpoint folder (or 'true' for the latest)")

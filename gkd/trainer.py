@@ -9,6 +9,7 @@ One optimizer step, as in the paper's pseudocode:
    completion tokens, plus sft_alpha * cross-entropy on the samples the student did not write.
 """
 
+import contextlib
 import inspect
 import random
 import time
@@ -83,7 +84,9 @@ class GKDTrainer(Trainer):
         self.max_length = max_length
         self.pad_token_id = pad_token_id(self.processing_class)
 
-        self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        # --offload_teacher_model: the teacher lives in CPU memory and visits the device for its forwards.
+        self.teacher = teacher_model.eval().requires_grad_(False)
+        self.teacher.to("cpu" if gkd_args.offload_teacher_model else self.args.device)
         self.loss_impl = choose_loss_impl(gkd_args.loss_impl, gkd_args.gkd_logits_topk, model, self.teacher)
         # Small chunks suit a CPU's caches; a GPU wants larger ones, or kernel launches dominate.
         self.loss_chunk_size = gkd_args.loss_chunk_size or (256 if self.args.device.type == "cuda" else None)
@@ -95,6 +98,18 @@ class GKDTrainer(Trainer):
         self._weights_synced_at_step = None
         self._reset_metrics()
         self._metrics_since_step = None  # set at the first step: a resumed run starts at its checkpoint's step
+
+    @contextlib.contextmanager
+    def _teacher_on_device(self):
+        """With --offload_teacher_model, the teacher comes to the device for the duration, then goes back."""
+        if not self.gkd.offload_teacher_model:
+            yield
+            return
+        self.teacher.to(self.args.device)
+        try:
+            yield
+        finally:
+            self.teacher.to("cpu")
 
     # ------------------------------------------------------------------ choosing and making completions
 
@@ -139,7 +154,8 @@ class GKDTrainer(Trainer):
                 engine.sync_weights(self.accelerator.unwrap_model(self.model))
                 self._weights_synced_at_step = global_step
             settings = self._sampling_settings(global_step, rank, micro_batch_index, source)
-            generated = engine.generate([prompts[index] for index in chosen], settings)
+            with self._teacher_on_device() if source == "teacher" else contextlib.nullcontext():
+                generated = engine.generate([prompts[index] for index in chosen], settings)
             for index, completion in zip(chosen, generated):
                 completions[index] = self._fit_max_length(prompts[index], completion)
         self._metrics["generation_seconds"] += time.perf_counter() - started
@@ -187,21 +203,22 @@ class GKDTrainer(Trainer):
             # chunk by chunk, so neither model's full logits ever exist.
             hidden = {**forward, "output_hidden_states": True, "logits_to_keep": 1}
             student_hidden = model(**hidden).hidden_states[-1][:, :-1]
-            with torch.no_grad():
-                teacher_hidden = self.teacher(**hidden).hidden_states[-1][:, :-1]
-            teacher_head = self.teacher.get_output_embeddings()
-            jsd_sum = fused_generalized_jsd_loss(
-                student_hidden, student_head.weight[:vocab], teacher_hidden, teacher_head.weight[:vocab], labels,
-                student_lm_head_bias=None if student_head.bias is None else student_head.bias[:vocab],
-                teacher_lm_head_bias=None if teacher_head.bias is None else teacher_head.bias[:vocab],
-                **options, **chunk,
-            )
+            with self._teacher_on_device():  # the loss reads the teacher's head too
+                with torch.no_grad():
+                    teacher_hidden = self.teacher(**hidden).hidden_states[-1][:, :-1]
+                teacher_head = self.teacher.get_output_embeddings()
+                jsd_sum = fused_generalized_jsd_loss(
+                    student_hidden, student_head.weight[:vocab], teacher_hidden, teacher_head.weight[:vocab], labels,
+                    student_lm_head_bias=None if student_head.bias is None else student_head.bias[:vocab],
+                    teacher_lm_head_bias=None if teacher_head.bias is None else teacher_head.bias[:vocab],
+                    **options, **chunk,
+                )
             sft_positions = sft_labels != IGNORE_INDEX
             sft_logits = student_head(student_hidden[sft_positions])[:, :vocab] if self.gkd.sft_alpha > 0 else None
             sft_targets = sft_labels[sft_positions]
         else:
             student_logits = model(**forward).logits[:, :-1, :vocab]
-            with torch.no_grad():
+            with torch.no_grad(), self._teacher_on_device():
                 teacher_logits = self.teacher(**forward).logits[:, :-1, :vocab]
                 if self.loss_impl == "topk":  # keep K per position, let the full logits go
                     teacher_logits = teacher_topk(teacher_logits, self.gkd.gkd_logits_topk, self.gkd.loss_temperature)

@@ -168,6 +168,25 @@ def test_two_processes_step_like_one_with_the_same_global_batch(tmp_path, tiny):
     assert all(sum(step) == 4 for step in counts)
 
 
+@pytest.mark.parametrize("form", ["module", "script"])
+def test_accelerate_launch_forms_one_group_of_processes(tmp_path, tiny, form):
+    """accelerate launch --multi_gpu on a machine without GPUs starts torchrun-style processes that must
+    form one gloo group: with dataset completions, 2 x batch 2 ends where 1 x batch 4 does."""
+    target = ["--module", "gkd.cli.train"] if form == "module" else [shutil.which("gkd-train")]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "29581", *target]
+    common = ["--max_steps", 2, "--seed", 3, "--optim", "sgd", "--learning_rate", "0.5", "--lmbda", 0,
+              "--lr_scheduler_type", "constant", "--save_strategy", "no", "--gradient_accumulation_steps", 1]
+    for prefix, output_dir, batch_size in (([sys.executable, "-m", "gkd.cli.train"], tmp_path / "one", 4),
+                                           (launch, tmp_path / "two", 2)):
+        flags = [*base_flags(tiny, output_dir), *common, "--per_device_train_batch_size", batch_size]
+        result = subprocess.run([*prefix, *map(str, flags)], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("script", ["single_process", "multi_process", "lora", "two_step"])
 def test_example_scripts_run(tmp_path, tiny, script):
     environment = {

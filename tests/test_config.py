@@ -1,6 +1,9 @@
 """gkd-train's flags: ms-swift names and defaults, YAML config with command-line override, refusals."""
 
+import json
+
 import pytest
+import torch
 
 from gkd.config import parse_config
 from gkd.errors import GKDUserError
@@ -63,7 +66,8 @@ def test_yaml_config_and_command_line_override(tmp_path):
         (["--tuner_type", "lora", "--lora_rank", "0"], "--lora_rank 0: must be in [1, inf]"),
         (["--lmbda", "1", "--sft_alpha", "0.5"], "--sft_alpha 0.5 has no effect with --lmbda 1"),
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "no such checkpoint folder"),
-        (["--fsdp", "full_shard"], "--fsdp: not supported by gkd-train yet"),
+        (["--fsdp", "full_shard"], "FSDP: not supported by gkd-train yet"),
+        (["--deepspeed", "zero5"], "--deepspeed zero5: neither one of zero0, zero2 nor a JSON file"),
         (["--use_vllm", "true", "--vllm_mode", "server", "--sleep_level", "3"], "--sleep_level 3: must be in [0, 2]"),
         (["--use_vllm", "true", "--vllm_mode", "server", "--sleep_level", "1"], "only for --vllm_mode colocate"),
         (["--use_vllm", "true", "--vllm_mode", "server", "--vllm_gpu_memory_utilization", "1.5"],
@@ -139,3 +143,32 @@ def test_use_vllm_without_vllm_names_the_extra(tmp_path):
     with pytest.raises(GKDUserError, match=r"--use_vllm true needs vLLM in this environment: pip install 'gkd\[vllm\]'"):
         parse(tmp_path, "--use_vllm", "true")
     parse(tmp_path, "--use_vllm", "true", "--vllm_mode", "server")  # the server brings its own vLLM
+
+
+def test_deepspeed_names_the_shipped_configs_and_refuses_zero3(tmp_path):
+    from gkd.config import deepspeed_config_path
+
+    for name in ("zero0", "zero2"):
+        stage = json.loads(open(deepspeed_config_path(name)).read())["zero_optimization"]["stage"]
+        assert stage == int(name[-1])
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    with pytest.raises(GKDUserError, match="--deepspeed: ZeRO-3 is not supported by gkd-train yet"):
+        parse(tmp_path, "--deepspeed", str(zero3))
+    if not torch.cuda.is_available():
+        with pytest.raises(GKDUserError, match="--deepspeed: needs GPUs"):
+            parse(tmp_path, "--deepspeed", "zero2")
+    else:
+        assert parse(tmp_path, "--deepspeed", "zero2").training.deepspeed == deepspeed_config_path("zero2")
+
+
+def test_zero3_from_an_accelerate_config_is_refused_too(tmp_path, monkeypatch):
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(zero3))
+    with pytest.raises(GKDUserError, match="ZeRO-3 is not supported by gkd-train yet"):
+        parse(tmp_path)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(GKDUserError, match="ZeRO-3 is not supported by gkd-train yet"):
+        parse(tmp_path)

@@ -215,3 +215,21 @@ def test_eval_loss_is_per_completion_token_over_the_whole_set(tmp_path, tokenize
                   for m in (student, teacher)]
     expected = generalized_jsd_loss(*logits, batch["labels"][:, 1:], beta=0.5).item()
     assert trainer.evaluate(examples)["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_impl", ["fused", "chunked"])
+def test_offloaded_teacher_takes_the_same_steps(tmp_path, tiny, tokenizer, loss_impl):
+    """--offload_teacher_model moves the teacher for each forward and generation, and back to CPU memory."""
+    weights = []
+    for offload in (False, True):
+        student = AutoModelForCausalLM.from_pretrained(tiny / "student", dtype=torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(tiny / "teacher", dtype=torch.float32)
+        examples = make_examples(tokenizer, ["1", "22 + 22 = 44", "3", "4 + 4 = 8"])
+        trainer = make_trainer(tmp_path / str(offload), tokenizer, student, teacher, examples, batch_size=2,
+                               accumulation=2, lmbda=0.0, seq_kd=True, loss_impl=loss_impl,
+                               offload_teacher_model=offload)
+        trainer.train()
+        assert next(trainer.teacher.parameters()).device.type == "cpu"
+        weights.append({name: parameter.detach().clone() for name, parameter in student.named_parameters()})
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name

@@ -47,7 +47,6 @@ def make_student_engine(config: GKDConfig, student, tokenizer):
                                 model=student, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
     from gkd.sampling.vllm_engine import VLLMEngine
 
-    _ = config.training.device  # sets up the process group that vLLM's engine joins under torchrun
     # Without --vllm_max_model_len, --max_length bounds what vLLM must hold.
     engine_args = dataclasses.replace(vllm, vllm_max_model_len=vllm.vllm_max_model_len or config.data.max_length)
     return VLLMEngine.from_arguments(
@@ -61,6 +60,7 @@ def train(config: GKDConfig) -> None:
 
     model_args, data_args, gkd_args, training = config.model, config.data, config.gkd, config.training
     set_seed(training.seed)
+    _ = training.device  # forms the process group now: vLLM's colocated engine joins it
 
     # Tokenizer and data first: a bad row should stop the run before minutes of model loading.
     tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
 
-        # Several processes (torchrun) on a machine without CUDA: transformers forms the gloo group only
-        # when told it trains on the CPU.
+        # Several processes (torchrun, accelerate launch --multi_gpu) on a machine without CUDA: transformers
+        # forms the gloo group only when told it trains on the CPU (accelerate launch says "False").
         if not torch.cuda.is_available():
-            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+            os.environ["ACCELERATE_USE_CPU"] = "true"
     output_dir = None
     created_output_dir = False
     try:
