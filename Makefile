@@ -1,8 +1,8 @@
-# The README's two commands: `make demo` (the main job on the embedded tiny models) and `make test`.
+# The README's two commands: `make demo` (the toy distillation benchmark, quick mode) and `make test`.
 PYTHON ?= python3
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: install tiny demo test test-vllm
+.PHONY: install tiny demo tiny-demo toy test test-vllm
 
 install:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -10,7 +10,16 @@ install:
 tiny: install
 	$(PYTHON) scripts/make_tiny_models.py
 
-demo: tiny
+# Builds the toy tasks' teacher and student, distils with gkd-train and prints the results table.
+demo: install
+	$(PYTHON) examples/toy/run.py --quick
+
+# The full grid (three tasks, lmbda x beta, two seeds): about 40 minutes on two cores.
+toy: install
+	$(PYTHON) examples/toy/run.py
+
+# The smallest distillation run: the tiny random-ish models of scripts/make_tiny_models.py.
+tiny-demo: tiny
 	gkd-train --config examples/tiny.yaml
 
 # The default suite, then the vLLM tests: in this environment when it has vLLM (a GPU machine with

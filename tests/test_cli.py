@@ -61,14 +61,21 @@ def test_each_source_trains_saves_and_reloads(tmp_path, tiny, source_flags, sour
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
-def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, tiny):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, tiny, processes):
+    def run(*flags):
+        launcher = [] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29591"]
+        command = [*(launcher or [sys.executable]), "-m", "gkd.cli.train", *map(str, flags)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ["--max_steps", 3, "--lmbda", 0.5, "--seed", 5, "--lr_scheduler_type", "constant"]
-    assert gkd_train(*base_flags(tiny, straight), *flags).returncode == 0
-    assert gkd_train(*base_flags(tiny, resumed), *flags).returncode == 0
+    assert run(*base_flags(tiny, straight), *flags).returncode == 0
+    assert run(*base_flags(tiny, resumed), *flags).returncode == 0
     shutil.rmtree(resumed / "checkpoint-2")
     shutil.rmtree(resumed / "checkpoint-3")
-    result = gkd_train(*base_flags(tiny, resumed), *flags, "--resume_from_checkpoint", resumed / "checkpoint-1")
+    result = run(*base_flags(tiny, resumed), *flags, "--resume_from_checkpoint", resumed / "checkpoint-1")
     assert result.returncode == 0, result.stderr[-3000:]
 
     expected = [entry for entry in log_history(straight / "checkpoint-3") if "loss" in entry]

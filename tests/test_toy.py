@@ -1,0 +1,116 @@
+"""The toy benchmark (examples/toy): task generators and checkers, the evaluator, and a smoke run."""
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "examples" / "toy"))
+import evaluate as toy_evaluate  # noqa: E402
+from tasks import TASKS, Addition, Permutation, RunningSum, make_splits, to_row  # noqa: E402
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_splits_are_seeded_distinct_and_disjoint(name):
+    task = TASKS[name]
+    train, test = make_splits(task, 3, 500, 100)
+    assert (train, test) == make_splits(task, 3, 500, 100)
+    assert make_splits(task, 4, 500, 100)[0] != train
+    assert len(set(train)) == 500 and len(set(test)) == 100 and not set(train) & set(test)
+    rng = random.Random(0)
+    for problem in train[:50]:
+        assert task.check(problem, task.reference(problem, rng))
+        row = to_row(task, problem, "x")
+        assert row["messages"][0] == {"role": "user", "content": task.prompt(problem)}
+
+
+def test_addition_checker_is_exact():
+    task = Addition()
+    assert task.check((12345, 67890), "80235")
+    for wrong in ("80234", "080235", "80235 ", "", "8023"):
+        assert not task.check((12345, 67890), wrong)
+
+
+def test_permutation_checker_accepts_all_720_and_nothing_else():
+    task = Permutation()
+    letters = "abcdef"
+    assert all(task.check(letters, "".join(order)) for order in itertools.permutations(letters))
+    for wrong in ("abcdeg", "abcdee", "abcde", "abcdefa", "ABCDEF"):
+        assert not task.check(letters, wrong)
+
+
+def test_running_sum_reference_and_recovery_examples():
+    task = RunningSum()
+    problem = "9876543210123456"
+    expected = "".join(str(sum(map(int, problem[: index + 1])) % 10) for index in range(len(problem)))
+    assert task.reference(problem) == expected and task.check(problem, expected)
+    assert not task.check(problem, expected[:-1] + str((int(expected[-1]) + 1) % 10))
+    for seed in range(20):
+        [(prefix, rest)] = task.recovery_examples(problem, random.Random(seed))
+        position = len(prefix) - 1
+        assert prefix[:position] == expected[:position] and prefix[position] != expected[position]
+        assert rest == expected[position + 1 :]  # the continuation ignores the mistake
+
+
+def test_evaluator_counts_right_answers_and_distinct_valid_ones(monkeypatch, tiny):
+    task = Permutation(letters=3)
+    problems = ["abc", "def"]
+    scripted = {0.0: ["cab", "ddd"], 1.0: ["bca", "fed"]}
+    diverse = ["abc", "abc", "bac", "xyz", "cba", "acb", "bca", "cab"] + ["def"] * 8
+
+    def fake_answers(engine, tokenizer, task, chosen, temperature, seed):
+        texts = diverse if len(chosen) == 16 else scripted[temperature]
+        return [[tokenizer.eos_token_id]] * len(texts), texts
+
+    monkeypatch.setattr(toy_evaluate, "answers", fake_answers)
+    model = AutoModelForCausalLM.from_pretrained(tiny / "student")
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+    scores = toy_evaluate.evaluate(model, model, tokenizer, task, problems)
+    assert scores["greedy"] == 0.5 and scores["sampled"] == 1.0
+    assert scores["diversity"] == (6 + 1) / 16  # abc, bac, cba, acb, bca, cab; and def
+
+
+def test_teacher_logprob_matches_a_token_by_token_reference(tiny):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny / "teacher").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "teacher")
+    task = Addition(digits=2)
+    problems = [(12, 34), (56, 78)]
+    completions = [tokenizer.encode("46", add_special_tokens=False) + [tokenizer.eos_token_id],
+                   tokenizer.encode("134", add_special_tokens=False)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for problem, completion in zip(problems, completions):
+            prefix = toy_evaluate.prompt_ids(tokenizer, task, problem)
+            for token in completion:
+                logits = teacher(input_ids=torch.tensor([prefix])).logits[0, -1]
+                total += torch.log_softmax(logits, dim=-1)[token].item()
+                count += 1
+                prefix = prefix + [token]
+    got = toy_evaluate.teacher_logprob(teacher, tokenizer, task, problems, completions)
+    assert got == pytest.approx(total / count, abs=1e-5)
+
+
+def test_pipeline_smoke_run(tmp_path):
+    """The whole pipeline at a few steps: data, models, gkd-train for each cell, scores, report, plot."""
+    command = [sys.executable, str(REPO / "examples" / "toy" / "run.py"), "--quick", "--tasks", "permutation",
+               "--steps", "3", "--teacher_steps", "10", "--student_steps", "3", "--n_test", "30",
+               "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    cells = results["tasks"]["permutation"]["cells"]
+    assert sorted(cells) == ["lmbda 0, beta 0.5", "lmbda 0, beta 1", "lmbda 1, beta 0.5", "lmbda 1, beta 1"]
+    for per_seed in cells.values():
+        scores = per_seed["0"]
+        assert 0 <= scores["greedy"] <= 1 and 0 <= scores["diversity"] <= 1 and scores["teacher_logprob"] < 0
+        assert [step for step, _ in scores["curve"]] == [0, 1, 2, 3]
+    table = (tmp_path / "results.md").read_text()
+    assert "| lmbda 1, beta 1 |" in table and "| teacher |" in table
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
