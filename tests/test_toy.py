@@ -108,7 +108,7 @@ def test_pipeline_smoke_run(tmp_path):
     cells = results["tasks"]["permutation"]["cells"]
     assert sorted(cells) == ["lmbda 0, beta 0.5", "lmbda 0, beta 1", "lmbda 1, beta 0.5", "lmbda 1, beta 1"]
     for per_seed in cells.values():
-        scores = per_seed["0"]
+        scores = per_seed["1"]
         assert 0 <= scores["greedy"] <= 1 and 0 <= scores["diversity"] <= 1 and scores["teacher_logprob"] < 0
         assert [step for step, _ in scores["curve"]] == [0, 1, 2, 3]
     table = (tmp_path / "results.md").read_text()
