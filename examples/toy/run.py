@@ -66,6 +66,9 @@ def build_task(task, folder: Path, seed: int, budget: dict, n_test: int) -> list
     """Data and teacher (shared by all seeds) and the starting student of `seed`, built into `folder` once
     (reused when present). Returns the held-out test problems."""
     train, test = make_splits(task, 0, N_TRAIN, n_test)
+    student_path = folder / f"student-seed{seed}"
+    if (folder / "teacher" / "model.safetensors").exists() and (student_path / "model.safetensors").exists():
+        return test  # nothing to train: skip encoding the training set
     tokenizer = tiny.build_tokenizer()
     rng = random.Random(0)
     answers = [task.reference(problem, rng) for problem in train]
@@ -78,8 +81,8 @@ def build_task(task, folder: Path, seed: int, budget: dict, n_test: int) -> list
                     for prefix, rest in task.recovery_examples(problem, rng)]
         train_model(tokenizer, tiny.TEACHER_SHAPE, clean + recovery, budget["teacher_steps"], 0,
                     folder / "teacher", f"{task.name} teacher")
-    if not (folder / f"student-seed{seed}" / "model.safetensors").exists():
-        train_student(tokenizer, task, clean, train[-100:], budget, seed, folder / f"student-seed{seed}")
+    if not (student_path / "model.safetensors").exists():
+        train_student(tokenizer, task, clean, train[-100:], budget, seed, student_path)
     return test
 
 

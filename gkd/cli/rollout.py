@@ -49,6 +49,7 @@ class Rollout:
     def __init__(self, engine: VLLMEngine, health: dict, host: str, timeout_seconds: float = 600):
         self.engine, self.health, self.host, self.timeout_seconds = engine, health, host, timeout_seconds
         self.group = self.store = None
+        self.backend = "gloo"  # what the connected trainer asked for: gloo, or nccl between GPUs
         self.device = torch.device("cpu")
         self.expected_weights = {name: shape for name, shape in health["weights"]}
 
@@ -65,12 +66,12 @@ class Rollout:
         if backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("the trainer asked for NCCL but this server has no GPU")
         self.store = weight_store(self.host, 0, True, self.timeout_seconds)
-        self._backend = backend
+        self.backend = backend
         return {"port": self.store.port}
 
     def finish_connect(self):
-        self.group = join_weight_group(self.store, 1, self.timeout_seconds, self._backend)
-        if self._backend == "nccl":
+        self.group = join_weight_group(self.store, 1, self.timeout_seconds, self.backend)
+        if self.backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
 
     def update_weights(self, payload: dict) -> dict:
