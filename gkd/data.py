@@ -347,12 +347,22 @@ def collate_examples(features: list[dict]) -> dict:
     }
 
 
-def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int) -> dict:
+def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
+                vocab_size: int | None = None) -> dict:
     """Right-padded input_ids, attention_mask, and labels that supervise the completion tokens only.
 
     Labels come from lengths, never from comparing ids with the pad id, so an EOS equal to pad stays
-    supervised.
+    supervised. With vocab_size (the tokenizer's length), an id at or past it is refused: it would index
+    past a smaller model's embedding (a crash deep in its forward) or train on a padding row of the output
+    layer, which stands for no token.
     """
+    if vocab_size is not None:
+        for row, completion in enumerate(completion_ids):
+            outside = [token for token in completion if not 0 <= token < vocab_size]
+            if outside:
+                raise GKDUserError(f"completion {row} of the batch holds token id {outside[0]}, outside the "
+                                   f"tokenizer's {vocab_size} ids: its sampler drew a padding row of the "
+                                   "output layer")
     lengths = [len(prompt) + len(completion) for prompt, completion in zip(prompt_ids, completion_ids)]
     width = max(lengths)
     input_ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)

@@ -128,6 +128,8 @@ def infer(args: InferArguments, engine_args: VLLMEngineArguments) -> None:
     already = sum(sample.key in done for sample in samples)
     samples = [sample for sample in samples if sample.key not in done]
 
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, stop_token_ids=stop_ids, vocab_size=len(tokenizer))
     started, written, generated_tokens = time.perf_counter(), 0, 0
     progress = tqdm(total=len(samples), unit="row", disable=not state.is_main_process, desc="gkd-infer")
     try:
@@ -135,12 +137,10 @@ def infer(args: InferArguments, engine_args: VLLMEngineArguments) -> None:
             batch = samples[start : start + args.write_batch_size]
             mine = batch[state.process_index :: state.num_processes]
             prompts = [tokenize_messages(tokenizer, sample.prompt_messages, None, stop_ids)[0] for sample in mine]
-            settings = SamplingSettings(
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, stop_token_ids=stop_ids,
-                seed=derive_seed(args.seed, batch[0].key, state.process_index),
-            )
-            completions = engine.generate(prompts, settings)
+            # Each response's seed comes from its key (row content and response number) alone: a resumed run
+            # writes what an uninterrupted one would have, whatever the write batches and processes.
+            seeds = [derive_seed(args.seed, sample.key) for sample in mine]
+            completions = engine.generate(prompts, settings, seeds)
             rows = [(sample.order, result_row(sample, tokenizer.decode(completion, skip_special_tokens=True)))
                     for sample, completion in zip(mine, completions)]
             tokens = [sum(len(completion) for completion in completions)]

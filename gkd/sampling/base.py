@@ -1,7 +1,12 @@
-"""The sampling-engine interface: prompts in, completion token ids out.
+"""The sampling-engine interface: prompts and one seed per prompt in, completion token ids out.
 
 The trainer only talks to this interface, so an engine (transformers `generate`, vLLM in-process or
 behind a server) can be swapped without touching the trainer.
+
+Reproducibility contract: a completion is a function of (prompt, its seed, the weights) alone. Which
+other prompts share the call, how many processes run, and how a step is split into micro-batches must
+not change it (up to float rounding), so every engine draws each prompt's randomness from that prompt's
+own seed.
 """
 
 import abc
@@ -15,11 +20,6 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def prompt_seeds(seed: int | None, count: int) -> list[int | None]:
-    """One seed per prompt, so that a prompt's completion does not depend on which prompts share its call."""
-    return [None if seed is None else derive_seed(seed, index) for index in range(count)]
-
-
 @dataclass(frozen=True)
 class SamplingSettings:
     max_new_tokens: int
@@ -27,7 +27,10 @@ class SamplingSettings:
     top_k: int | None = None  # None: off
     top_p: float | None = None  # None: off
     stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None  # same seed, same prompts, same weights: same completions
+    # Only ids below this are ever sampled: len(tokenizer). Models pad their output layer past the
+    # tokenizer (Qwen2.5-7B: 152064 rows around 151665 tokens); a padding id means nothing and is past
+    # the end of a smaller model's embedding. None: every row of the model's output layer.
+    vocab_size: int | None = None
 
 
 class SamplingEngine(abc.ABC):
@@ -36,8 +39,12 @@ class SamplingEngine(abc.ABC):
     collective = False
 
     @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
-        """One completion per prompt, ending at (and including) its first stop token when it has one."""
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings,
+                 seeds: list[int] | None = None) -> list[list[int]]:
+        """One completion per prompt, ending at (and including) its first stop token when it has one.
+
+        seeds: one per prompt; prompt i's random draws come from seeds[i] alone. None: unseeded.
+        """
 
     def sync_weights(self, model) -> None:
         """Load `model`'s current weights into the engine, so that it samples from the model being trained.

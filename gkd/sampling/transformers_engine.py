@@ -1,10 +1,46 @@
-"""Sampling with transformers `generate` (KV cache on), straight from the model being trained."""
+"""Sampling with transformers `generate` (KV cache on), straight from the model being trained.
+
+generate() draws one random stream for the whole batch (torch.multinomial), so a row's sample would depend
+on its neighbours. Instead generate runs greedy over scores that already carry each row's own randomness:
+the sampling warpers (temperature, top-k, top-p, as transformers orders them), then Gumbel noise drawn from
+a generator seeded with that row's seed. argmax(scores + Gumbel noise) is an exact sample from
+softmax(scores) (the Gumbel-max trick), and row i's noise depends on seeds[i] alone.
+"""
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from gkd.data import cut_at_stop
 from gkd.sampling.base import SamplingEngine, SamplingSettings
+
+
+class KeepVocabulary(LogitsProcessor):
+    """Ids at and past vocab_size (the output layer's padding rows) can never be chosen."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids, scores):
+        return scores.index_fill_(1, torch.arange(self.vocab_size, scores.shape[1], device=scores.device), -torch.inf)
+
+
+class RowGumbelNoise(LogitsProcessor):
+    """Adds Gumbel(0, 1) noise to each row from that row's own generator (or the global one, unseeded)."""
+
+    def __init__(self, seeds: list[int] | None, device):
+        self.generators = None if seeds is None else [
+            torch.Generator(device=device).manual_seed(seed) for seed in seeds
+        ]
+
+    def __call__(self, input_ids, scores):
+        if self.generators is None:
+            uniform = torch.rand(scores.shape, device=scores.device)
+        else:
+            uniform = torch.stack([torch.rand(scores.shape[1], generator=generator, device=scores.device)
+                                   for generator in self.generators])
+        # u -> -log(-log u); u = 0 would give -inf (never chosen), so the floor only avoids log(0) warnings.
+        return scores + uniform.clamp_min_(torch.finfo(uniform.dtype).tiny).log_().neg_().log_().neg_()
 
 
 class TransformersEngine(SamplingEngine):
@@ -14,17 +50,14 @@ class TransformersEngine(SamplingEngine):
         self.max_batch_size = max_batch_size
 
     def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
-        sample = settings.temperature > 0
-        # generate() fills every field left None from the model's own generation_config, so each sampling
-        # control is set here, off when not asked for: the model's defaults (top_k=50, say) must not leak in.
+        # Always greedy over the processors' scores (see the module docstring): the checkpoint's sampling
+        # defaults (top_k=50, say) are then never applied. generate() fills every field left None from the
+        # model's own generation_config, so each control that also acts under greedy decoding is set, off.
         return GenerationConfig(
             max_new_tokens=settings.max_new_tokens,
-            do_sample=sample,
-            temperature=settings.temperature if sample else 1.0,
-            top_k=(settings.top_k or 0) if sample else 0,
-            top_p=(settings.top_p or 1.0) if sample else 1.0,
-            min_p=0.0,
-            typical_p=1.0,
+            do_sample=False,
+            temperature=1.0,
+            top_p=1.0,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             min_new_tokens=0,
@@ -33,8 +66,22 @@ class TransformersEngine(SamplingEngine):
             use_cache=True,
         )
 
+    def _processors(self, settings: SamplingSettings, seeds, device) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if settings.vocab_size is not None:
+            processors.append(KeepVocabulary(settings.vocab_size))
+        if settings.temperature > 0:
+            if settings.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_k:
+                processors.append(TopKLogitsWarper(settings.top_k))
+            if settings.top_p is not None and settings.top_p < 1.0:
+                processors.append(TopPLogitsWarper(settings.top_p))
+            processors.append(RowGumbelNoise(seeds, device))
+        return processors
+
     @torch.no_grad()
-    def _generate_batch(self, prompts, generation_config) -> list[list[int]]:
+    def _generate_batch(self, prompts, seeds, settings: SamplingSettings) -> list[list[int]]:
         device = next(self.model.parameters()).device
         width = max(len(prompt) for prompt in prompts)
         # Left padding, so that every prompt ends where generation starts.
@@ -44,26 +91,26 @@ class TransformersEngine(SamplingEngine):
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             attention_mask[row, width - len(prompt) :] = 1
         output = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=generation_config
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            generation_config=self._generation_config(settings),
+            logits_processor=self._processors(settings, seeds, device),
         )
         return output[:, width:].tolist()
 
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings,
+                 seeds: list[int] | None = None) -> list[list[int]]:
         if not prompts:
             return []
-        generation_config = self._generation_config(settings)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         batch_size = self.max_batch_size or len(prompts)
         was_training = self.model.training
         self.model.eval()
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        completions = []
         try:
-            # A private RNG stream: seeded sampling repeats, and the training RNG (dropout, data order) is untouched.
-            with torch.random.fork_rng(devices=devices, enabled=settings.seed is not None):
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
-                completions = []
-                for start in range(0, len(prompts), batch_size):
-                    completions += self._generate_batch(prompts[start : start + batch_size], generation_config)
+            for start in range(0, len(prompts), batch_size):
+                batch_seeds = None if seeds is None else seeds[start : start + batch_size]
+                completions += self._generate_batch(prompts[start : start + batch_size], batch_seeds, settings)
         finally:
             self.model.train(was_training)
         return [cut_at_stop(completion, settings.stop_token_ids) for completion in completions]
