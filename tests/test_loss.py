@@ -1,4 +1,4 @@
-"""Tests for gkd.loss.generalized_jsd_loss against independent float64 references."""
+"""Tests for gkd.losses.generalized_jsd_loss against independent float64 references."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gkd.loss import generalized_jsd_loss
+from gkd.losses import generalized_jsd_loss
 
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 INF = float("inf")

@@ -6,10 +6,15 @@ top-k loss with K < V is checked against a float64 reference written from its de
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from gkd.loss import (
+from gkd.losses import (
     TeacherTopK,
+    chunked_generalized_jsd_and_cross_entropy,
     chunked_generalized_jsd_loss,
+    fused_generalized_jsd_and_cross_entropy,
     fused_generalized_jsd_loss,
     generalized_jsd_loss,
     teacher_topk,
@@ -197,13 +202,16 @@ def test_chunked_teacher_gets_no_gradient_and_no_grad_mode_works():
 
 
 def test_no_gradient_work_under_no_grad(monkeypatch):
-    import gkd.loss
+    import gkd.losses.chunked
+    import gkd.losses.common
+    import gkd.losses.fused
 
     asked = []
-    exact_rows = gkd.loss._jsd_rows
-    monkeypatch.setattr(gkd.loss, "_jsd_rows",
-                        lambda s, t, beta, want_grad, spare: asked.append(want_grad)
-                        or exact_rows(s, t, beta, want_grad, spare))
+    exact_rows = gkd.losses.common.jsd_rows
+    for module in (gkd.losses.chunked, gkd.losses.fused):
+        monkeypatch.setattr(module, "jsd_rows",
+                            lambda s, t, beta, want_grad, spare: asked.append(want_grad)
+                            or exact_rows(s, t, beta, want_grad, spare))
     s_hidden, s_weight, t_hidden, t_weight, _, _ = _fused_case(4, 5, False, torch.float32)
     student = _logits((2, 3, 5), 18).requires_grad_()
     with torch.no_grad():  # the inputs require grad, but no graph is recorded
@@ -223,6 +231,64 @@ def test_chunked_invalid_arguments(kwargs, match):
         chunked_generalized_jsd_loss(torch.randn(2, 3, 5), torch.randn(2, 3, 5), **kwargs)
     with pytest.raises(ValueError, match="same shape"):
         chunked_generalized_jsd_loss(torch.randn(2, 3, 5), torch.randn(2, 3, 6))
+
+
+# ---------------------------------------------------------------- a wider last dimension (padded heads)
+class NewTensors(TorchDispatchMode):
+    """Shapes of the tensors the ops inside allocate (outputs that are not views of an input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0]
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_compares_the_first_vocab_size_entries(beta, reduction):
+    """Logits wider than the compared vocabulary (padding rows of the LM heads, 3 and 6 of them):
+    the exact loss of the slices, and 0 gradient for the padding columns."""
+    student = _logits((3, 7, 36), 40).requires_grad_()
+    teacher = _logits((3, 7, 39), 41)
+    labels = _labels("ragged", (3, 7))
+    want, (want_g,) = _value_and_grads(
+        lambda s, t, lab, **kw: generalized_jsd_loss(s[..., :33], t[..., :33], lab, **kw),
+        (student, teacher, labels), reduction, beta=beta, temperature=0.7)
+    got, (got_g,) = _value_and_grads(chunked_generalized_jsd_loss, (student, teacher, labels), reduction,
+                                     beta=beta, temperature=0.7, chunk_size=CHUNK, vocab_size=33)
+    _assert_matches(got, want)
+    _assert_matches(got_g, want_g)
+    assert torch.all(got_g[..., 33:] == 0)
+    with pytest.raises(ValueError, match="vocab_size 37"):
+        chunked_generalized_jsd_loss(student, teacher, labels, vocab_size=37)
+
+
+def test_chunked_makes_one_logits_sized_tensor_the_gradient():
+    """With shifted labels and vocab_size the logits are read where they lie: forward and backward
+    allocate one logits-sized tensor, the gradient. Shifting the logits instead (logits[:, :-1, :V],
+    as the trainer used to) copies both sides, and autograd's slice backward adds two more."""
+    student, teacher = _logits((2, 30, 104), 42).requires_grad_(), _logits((2, 30, 104), 43)
+    labels = torch.randint(0, 100, (2, 30), generator=torch.Generator().manual_seed(0))
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    large = lambda shapes: [shape for shape in shapes if torch.Size(shape).numel() >= 2 * 29 * 100]  # noqa: E731
+    with NewTensors() as new:
+        chunked_generalized_jsd_loss(student, teacher, targets, reduction="sum", chunk_size=CHUNK,
+                                     vocab_size=100).backward()
+    assert large(new.shapes) == [(60, 104)]
+    gradient = student.grad.clone()
+    student.grad = None
+    with NewTensors() as sliced:
+        chunked_generalized_jsd_loss(student[:, :-1, :100], teacher[:, :-1, :100], labels[:, 1:], reduction="sum",
+                                     chunk_size=CHUNK).backward()
+    assert len(large(sliced.shapes)) == 5  # what the shifted logits cost
+    _assert_matches(student.grad, gradient)
 
 
 # ============================================================================= fused
@@ -333,6 +399,170 @@ def test_fused_invalid_arguments():
     with pytest.raises(ValueError, match="bias"):
         fused_generalized_jsd_loss(s_hidden, s_weight, t_hidden, t_weight,
                                    student_lm_head_bias=torch.zeros(3))
+
+
+# ---------------------------------------------------------------- mixed precision (autocast)
+def _relative_error(got, want):
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_fused_under_bf16_autocast_equals_the_exact_loss_under_it(beta, bias):
+    """float32 hidden states and heads (a float32 residual stream and master weights) under CPU bf16
+    autocast: the reference projects with F.linear, which autocast runs in bf16, then the exact loss.
+    The fused loss projects in bf16 too, so both compare the same bf16 logits: each position's value
+    agrees to float32 summation order (1e-5 relative; a float32 projection, as the fused loss used
+    to run under autocast, is off by ~1e-3). Gradients: both round the logits' gradient to bf16
+    before the head's GEMMs, the reference after its scaling and the fused loss before, and round the
+    GEMMs' outputs to bf16 (the fused loss per chunk, summed in float32), so they differ by
+    independent roundings of relative size <= 2^-9 each: about 0.3% in norm, 6e-3 with margin (the
+    reference itself is ~1.2% from the float64 truth; a float32 weight-gradient GEMM is ~1.2% from it)."""
+    g = torch.Generator().manual_seed(50)
+    s_hidden = torch.randn(2, 16, 48, generator=g)
+    t_hidden = torch.randn(2, 16, 48, generator=g)
+    s_weight = torch.randn(400, 48, generator=g) * 3 / 48**0.5
+    t_weight = torch.randn(400, 48, generator=g) * 3 / 48**0.5
+    s_bias = torch.randn(400, generator=g) if bias else None
+    labels = _labels("ragged", (2, 16))
+
+    def run(fn, reduction):
+        h, w = s_hidden.clone().requires_grad_(), s_weight.clone().requires_grad_()
+        b = None if s_bias is None else s_bias.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(h, w, b, reduction)
+        if reduction == "none":
+            return loss.detach(), None
+        loss.backward()
+        return loss.detach(), [x.grad for x in (h, w, b) if x is not None]
+
+    def exact(h, w, b, reduction):
+        with torch.no_grad():
+            teacher = F.linear(t_hidden, t_weight)
+        return generalized_jsd_loss(F.linear(h, w, b), teacher, labels, beta=beta, temperature=0.9,
+                                    reduction=reduction)
+
+    def fused(h, w, b, reduction):
+        return fused_generalized_jsd_loss(h, w, t_hidden, t_weight, labels, beta=beta, temperature=0.9,
+                                          reduction=reduction, chunk_size=5, student_lm_head_bias=b)
+
+    want, _ = run(exact, "none")
+    got, _ = run(fused, "none")
+    counted = labels != -100
+    torch.testing.assert_close(got[counted], want[counted], rtol=1e-5, atol=1e-7)
+    want, want_grads = run(exact, "sum")
+    got, got_grads = run(fused, "sum")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert [x.dtype for x in got_grads] == [torch.float32] * len(want_grads)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        assert _relative_error(got_grad, want_grad) < 6e-3
+
+
+# ---------------------------------------------------------------- the cross-entropy in the same pass
+def _sft_labels(labels, seed=7):
+    """A subset of labels' counted positions (about half of them)."""
+    g = torch.Generator().manual_seed(seed)
+    return labels.masked_fill(torch.rand(labels.shape, generator=g) < 0.5, -100)
+
+
+def _exact_with_cross_entropy(student_logits, teacher_logits, labels, sft_labels, reduction, **kwargs):
+    """The reference: the exact loss, and F.cross_entropy of the same logits (no temperature)."""
+    jsd = generalized_jsd_loss(student_logits, teacher_logits, labels, reduction=reduction, **kwargs)
+    ce = F.cross_entropy(student_logits.flatten(0, -2), sft_labels.flatten(), reduction="sum")
+    return jsd, ce / max(int(sft_labels.ne(-100).sum()), 1) if reduction == "batchmean" else ce
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("beta", BETAS)
+def test_fused_cross_entropy_matches_exact_plus_cross_entropy(beta, temperature, reduction, bias):
+    s_hidden, s_weight, t_hidden, t_weight, s_bias, t_bias = _fused_case(6, 9, bias, torch.float32, vocab=17)
+    labels = _labels("ragged", (2, 5))
+    sft_labels = _sft_labels(labels)
+    alpha = 0.3
+    with torch.no_grad():
+        teacher = F.linear(t_hidden, t_weight, t_bias)
+    want = _exact_with_cross_entropy(F.linear(s_hidden, s_weight, s_bias), teacher, labels, sft_labels, reduction,
+                                     beta=beta, temperature=temperature)
+    got = fused_generalized_jsd_and_cross_entropy(
+        s_hidden, s_weight, t_hidden, t_weight, labels, sft_labels, beta=beta, temperature=temperature,
+        reduction=reduction, chunk_size=3, student_lm_head_bias=s_bias, teacher_lm_head_bias=t_bias, sft_weight=alpha)
+    wrt = [x for x in (s_hidden, s_weight, s_bias) if x is not None]
+    for g, w in zip(got, want):
+        _assert_matches(g, w.detach())
+    # the weighting forward prepared for (one pass) and two others (a second pass in backward)
+    for weights in ((1.0, alpha), (1.0, 0.0), (0.0, 2.0)):
+        want_g = torch.autograd.grad(weights[0] * want[0] + weights[1] * want[1], wrt, retain_graph=True)
+        got_g = torch.autograd.grad(weights[0] * got[0] + weights[1] * got[1], wrt, retain_graph=True)
+        for g, w in zip(got_g, want_g):
+            _assert_matches(g, w)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_chunked_cross_entropy_matches_exact_plus_cross_entropy(beta, reduction):
+    student = _logits((3, 7, 36), 60).requires_grad_()
+    teacher = _logits((3, 7, 38), 61)
+    labels = _labels("ragged", (3, 7))
+    sft_labels = _sft_labels(labels)
+    want = _exact_with_cross_entropy(student[..., :33], teacher[..., :33], labels, sft_labels, reduction,
+                                     beta=beta, temperature=0.7)
+    got = chunked_generalized_jsd_and_cross_entropy(student, teacher, labels, sft_labels, beta=beta, temperature=0.7,
+                                                    reduction=reduction, chunk_size=CHUNK, vocab_size=33,
+                                                    sft_weight=0.3)
+    for g, w in zip(got, want):
+        _assert_matches(g, w.detach())
+    for weights in ((1.0, 0.3), (1.0, 0.0), (0.5, 2.0)):
+        (want_g,) = torch.autograd.grad(weights[0] * want[0] + weights[1] * want[1], student, retain_graph=True)
+        (got_g,) = torch.autograd.grad(weights[0] * got[0] + weights[1] * got[1], student, retain_graph=True)
+        _assert_matches(got_g, want_g)
+
+
+def test_fused_cross_entropy_under_bf16_autocast():
+    """As test_fused_under_bf16_autocast_equals_the_exact_loss_under_it, with the cross-entropy: the same
+    bf16 logits, so the same values to float32 summation order; gradients as argued there."""
+    s_hidden, s_weight, t_hidden, t_weight, _, _ = _fused_case(32, 32, False, torch.float32, vocab=300)
+    labels = _labels("ragged", (2, 5))
+    sft_labels = _sft_labels(labels)
+
+    def run(fused):
+        h, w = s_hidden.detach().clone().requires_grad_(), s_weight.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                jsd, ce = fused_generalized_jsd_and_cross_entropy(h, w, t_hidden, t_weight, labels, sft_labels,
+                                                                  chunk_size=3, sft_weight=0.3)
+            else:
+                with torch.no_grad():
+                    teacher = F.linear(t_hidden, t_weight)
+                jsd, ce = _exact_with_cross_entropy(F.linear(h, w), teacher, labels, sft_labels, "sum")
+        (jsd + 0.3 * ce).backward()
+        return jsd.detach(), ce.detach(), h.grad, w.grad
+
+    got, want = run(True), run(False)
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got[2:], want[2:]):
+        assert _relative_error(g, w) < 6e-3
+
+
+def test_cross_entropy_arguments():
+    s_hidden, s_weight, t_hidden, t_weight, _, _ = _fused_case(4, 5, False, torch.float32)
+    labels = _labels("ragged", (2, 5))
+    outside = labels.clone()
+    outside[0, 2] = 1  # labels ignores (0, 2)
+    with pytest.raises(ValueError, match="subset"):
+        fused_generalized_jsd_and_cross_entropy(s_hidden, s_weight, t_hidden, t_weight, labels, outside)
+    with pytest.raises(ValueError, match="reduction 'none'"):
+        fused_generalized_jsd_and_cross_entropy(s_hidden, s_weight, t_hidden, t_weight, labels, labels,
+                                                reduction="none")
+    with pytest.raises(ValueError, match="sft_labels"):
+        chunked_generalized_jsd_and_cross_entropy(torch.randn(2, 5, 7), torch.randn(2, 5, 7), labels, labels[:1])
+    # no cross-entropy positions: a constant 0, and the divergence as without
+    none = torch.full_like(labels, -100)
+    jsd, ce = fused_generalized_jsd_and_cross_entropy(s_hidden, s_weight, t_hidden, t_weight, labels, none)
+    assert ce.item() == 0.0 and not ce.requires_grad
+    _assert_matches(jsd, fused_generalized_jsd_loss(s_hidden, s_weight, t_hidden, t_weight, labels, reduction="sum"))
 
 
 # ============================================================================= top-k

@@ -1,0 +1,124 @@
+"""The one interface every loss implementation has: GKDTrainer hands it the models and a micro-batch,
+and gets back the summed generalized JSD and the summed cross-entropy (sft_alpha's term).
+
+Each implementation runs the models itself, because what it needs from them differs: the exact,
+chunked and top-k ones read both models' logits, the fused one their last hidden states and LM heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from gkd.losses.common import IGNORE_INDEX  # gkd.data.IGNORE_INDEX: the label of prompt and padding positions
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    beta: float
+    temperature: float  # the loss temperature (--loss_temperature); the cross-entropy uses none
+    vocab_size: int  # the compared vocabulary: each model's first vocab_size logits (the rest is padding)
+    chunk_size: int | None = None  # rows per chunk (chunked, fused); None: the functions' defaults
+    topk: int | None = None  # --gkd_logits_topk
+    topk_tail: bool = False  # --gkd_logits_topk_tail
+    # --sft_alpha: the trainer's loss is jsd + sft_alpha * sft. The fused and chunked implementations
+    # build the gradient of that sum in their forward pass; any other combination costs a second pass.
+    sft_alpha: float = 0.0
+
+
+@dataclass
+class LossBatch:
+    """One micro-batch as the trainer built it (gkd.data.build_batch): labels are IGNORE_INDEX
+    outside completions and not shifted; sft_rows (batch,) bool marks the samples whose completion
+    tokens also get the cross-entropy, or is None for no cross-entropy at all."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    sft_rows: torch.Tensor | None = None
+
+    def forward_kwargs(self, **extra) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False, **extra}
+
+    def targets(self) -> torch.Tensor:
+        """What position t's logits predict: labels[:, t + 1], and IGNORE_INDEX at the last position.
+
+        The labels move, not the logits: logits[:, :-1] is not contiguous, and flattening it copies
+        the logits once more."""
+        return F.pad(self.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+    def sft_targets(self) -> torch.Tensor | None:
+        """targets() at the cross-entropy's positions, IGNORE_INDEX elsewhere; None without any."""
+        if self.sft_rows is None:
+            return None
+        return self.targets().masked_fill(~self.sft_rows.to(self.labels.device)[:, None], IGNORE_INDEX)
+
+
+class LossSums(NamedTuple):
+    jsd: torch.Tensor  # summed over the counted positions
+    sft: torch.Tensor  # summed over the cross-entropy's positions (0 without any)
+
+
+class LossImpl:
+    """A loss implementation: settings in, then called once per micro-batch."""
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: LossSettings):
+        self.settings = settings
+
+    def __call__(self, student, teacher, batch: LossBatch, student_module=None) -> LossSums:
+        """student: the model to call (possibly wrapped by DDP or DeepSpeed, whose forward must run);
+        student_module: the model inside any such wrapper (default: student), for its LM head and
+        decoder; teacher: frozen, on the device the loss runs on. Forwards run in the caller's
+        grad mode and autocast; the teacher's under no_grad."""
+        raise NotImplementedError
+
+    def _options(self) -> dict:
+        return {"beta": self.settings.beta, "temperature": self.settings.temperature, "reduction": "sum"}
+
+    def _chunk(self) -> dict:
+        return {} if self.settings.chunk_size is None else {"chunk_size": self.settings.chunk_size}
+
+
+class LogitsLossImpl(LossImpl):
+    """Shared by the implementations that compare logits: both forwards, then the cross-entropy
+    at the SFT positions only."""
+
+    def __call__(self, student, teacher, batch: LossBatch, student_module=None) -> LossSums:
+        student_logits = student(**batch.forward_kwargs()).logits
+        with torch.no_grad():
+            teacher_side = self.teacher_side(teacher(**batch.forward_kwargs()).logits)
+        return self.sums(student_logits, teacher_side, batch.targets(), batch.sft_targets())
+
+    def sums(self, student_logits, teacher_side, targets, sft_targets) -> LossSums:
+        """The divergence, then the cross-entropy of the SFT positions' logits (autograd)."""
+        jsd = self.divergence(student_logits, teacher_side, targets)
+        return LossSums(jsd, sft_sum_of_logits(student_logits, sft_targets, self.settings.vocab_size, jsd))
+
+    def teacher_side(self, teacher_logits):
+        """What the divergence needs of the teacher's logits, taken right after its forward (under
+        no_grad), so that the full logits can go before the divergence runs."""
+        return teacher_logits
+
+    def divergence(self, student_logits, teacher_side, targets) -> torch.Tensor:
+        """Summed divergence of (batch, seq, V') logits (V' >= vocab_size) at targets != IGNORE_INDEX."""
+        raise NotImplementedError
+
+
+def flat_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(batch, seq, V') -> (batch * seq, vocab_size), a view of contiguous logits (no copy)."""
+    return logits.flatten(0, -2)[:, :vocab_size]
+
+
+def sft_sum_of_logits(logits, sft_targets, vocab_size: int, like: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy (float32) of the student's logits at the positions sft_targets marks:
+    only those rows are gathered and upcast, not the whole logits tensor."""
+    if sft_targets is None:
+        return like.new_zeros(())
+    rows = (sft_targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    picked = flat_vocab(logits, vocab_size).index_select(0, rows)
+    return F.cross_entropy(picked.float(), sft_targets.reshape(-1).index_select(0, rows), reduction="sum")
