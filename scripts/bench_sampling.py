@@ -16,6 +16,7 @@ import argparse
 import ast
 import json
 import os
+import secrets
 import signal
 import socket
 import statistics
@@ -60,13 +61,15 @@ def free_port() -> int:
 def start_server(model: Path, port: int, args) -> subprocess.Popen:
     command = [sys.executable, "-m", "gkd.cli.rollout", "--model", str(model), "--port", str(port),
                *args.engine_flags]
+    token = os.environ.setdefault("GKD_ROLLOUT_TOKEN", secrets.token_urlsafe(24))  # shared with gkd-train below
+    health = urllib.request.Request(f"http://127.0.0.1:{port}/health", headers={"Authorization": f"Bearer {token}"})
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
             sys.exit(f"gkd-rollout failed:\n{process.stderr.read()[-3000:]}")
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            urllib.request.urlopen(health, timeout=5)
             return process
         except OSError:
             time.sleep(1)

@@ -10,6 +10,8 @@ STUDENT=${STUDENT:-examples/tiny/student}
 TEACHER=${TEACHER:-examples/tiny/teacher}
 DATA=${DATA:-examples/tiny/data/train.jsonl}
 PORT=${PORT:-8000}
+# gkd-rollout refuses requests without this shared secret; gkd-rollout and gkd-train both read it here.
+export GKD_ROLLOUT_TOKEN=${GKD_ROLLOUT_TOKEN:-$(python -c "import secrets; print(secrets.token_urlsafe(24))")}
 
 # shellcheck disable=SC2086  # ROLLOUT_FLAGS is a list of flags
 env ${ROLLOUT_GPUS:+CUDA_VISIBLE_DEVICES=$ROLLOUT_GPUS} gkd-rollout --model "$STUDENT" --port "$PORT" ${ROLLOUT_FLAGS:-} &

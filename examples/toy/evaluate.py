@@ -3,7 +3,7 @@ and how likely the teacher finds the student's own samples."""
 
 import torch
 
-from gkd.sampling import SamplingSettings, TransformersEngine
+from gkd.sampling import SamplingSettings, TransformersEngine, derive_seed
 
 SAMPLES_PER_PROMPT = 8  # for diversity: distinct valid answers among this many samples of one prompt
 
@@ -15,8 +15,9 @@ def prompt_ids(tokenizer, task, problem) -> list[int]:
 
 def answers(engine, tokenizer, task, problems, temperature: float, seed: int) -> tuple[list[list[int]], list[str]]:
     settings = SamplingSettings(max_new_tokens=task.max_new_tokens, temperature=temperature,
-                                stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
-    completions = engine.generate([prompt_ids(tokenizer, task, problem) for problem in problems], settings)
+                                stop_token_ids=(tokenizer.eos_token_id,), vocab_size=len(tokenizer))
+    seeds = [derive_seed(seed, index) for index in range(len(problems))]
+    completions = engine.generate([prompt_ids(tokenizer, task, problem) for problem in problems], settings, seeds)
     return completions, [tokenizer.decode(completion, skip_special_tokens=True) for completion in completions]
 
 
