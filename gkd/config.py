@@ -6,7 +6,6 @@ in. transformers' HfArgumentParser turns the dataclasses into argparse groups an
 """
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math

@@ -9,23 +9,18 @@ One optimizer step, as in the paper's pseudocode:
    completion tokens, plus sft_alpha * cross-entropy on the samples the student did not write.
 """
 
-import contextlib
-import inspect
 import random
 import time
 
 import torch
-import torch.nn.functional as F
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
 from gkd.data import IGNORE_INDEX, build_batch, collate_examples
 from gkd.errors import GKDUserError
-from gkd.loss import (
-    chunked_generalized_jsd_loss, fused_generalized_jsd_loss, generalized_jsd_loss, teacher_topk,
-    topk_generalized_jsd_loss,
-)
+from gkd.losses import LossBatch, LossSettings, choose_loss_impl, make_loss
 from gkd.models import pad_token_id
+from gkd.offload import OffloadedModel
 from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine, derive_seed
 
 SOURCES = ("student", "teacher", "dataset")
@@ -39,30 +34,20 @@ def sample_source(seed: int, global_step: int, sample_index: int, lmbda: float, 
     return "teacher" if seq_kd else "dataset"
 
 
-def why_not_fusable(model) -> str | None:
-    """None when the loss can be fused with the model's LM head, else the reason it cannot."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
-    head = base.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
-        return f"{type(base).__name__}'s LM head is a {type(head).__name__}, not a plain Linear layer"
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-        return f"{type(base).__name__}.forward has no logits_to_keep argument to skip its own LM head"
-    config = base.config
-    # Models that transform logits after the head: fusing would compare the wrong distributions.
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (None, 1.0) \
-            or getattr(config, "logits_scaling", 1.0) not in (None, 1.0):
-        return f"{type(base).__name__} rescales or caps its logits after the LM head"
-    return None
+def has_experts(model) -> bool:
+    """A mixture-of-experts model, by the config fields transformers' MoE families use."""
+    config = model.config
+    return any(getattr(config, name, None) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
-def choose_loss_impl(requested: str | None, topk: int | None, student, teacher) -> str:
-    if topk is not None:
-        return "topk"
-    reasons = [why_not_fusable(student), why_not_fusable(teacher)]
-    reason = next((reason for reason in reasons if reason), None)
-    if requested == "fused" and reason:
-        raise GKDUserError(f"--loss_impl fused: {reason}; use --loss_impl chunked")
-    return requested or ("chunked" if reason else "fused")
+class _OffloadTeacherBeforeOptimizerStep(TrainerCallback):
+    """The step's forwards are done: the offloaded teacher's device copy goes before the optimizer needs room."""
+
+    def __init__(self, offload: OffloadedModel):
+        self.offload = offload
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.offload.offload()
 
 
 class GKDTrainer(Trainer):
@@ -76,51 +61,58 @@ class GKDTrainer(Trainer):
         args.remove_unused_columns = False
         args.dataloader_pin_memory = False  # batches are token lists until the step builds tensors
         if args.ddp_find_unused_parameters is None:
-            args.ddp_find_unused_parameters = False  # every student parameter takes part in the loss
+            # A dense student uses every parameter in every step, so DDP can skip the search for unused ones;
+            # a mixture of experts may leave an expert unused in a step, and DDP must then look.
+            args.ddp_find_unused_parameters = has_experts(model)
         super().__init__(model=model, args=args, data_collator=collate_examples, **kwargs)
         self.gkd = gkd_args
         self.stop_token_ids = tuple(stop_token_ids)
         self.compared_vocab_size = compared_vocab_size
         self.max_length = max_length
         self.pad_token_id = pad_token_id(self.processing_class)
+        self.vocab_size = len(self.processing_class)  # ids at or past it are the output layers' padding
 
-        # --offload_teacher_model: the teacher lives in CPU memory and visits the device for its forwards.
         self.teacher = teacher_model.eval().requires_grad_(False)
-        self.teacher.to("cpu" if gkd_args.offload_teacher_model else self.args.device)
-        self.loss_impl = choose_loss_impl(gkd_args.loss_impl, gkd_args.gkd_logits_topk, model, self.teacher)
-        # Small chunks suit a CPU's caches; a GPU wants larger ones, or kernel launches dominate.
-        self.loss_chunk_size = gkd_args.loss_chunk_size or (256 if self.args.device.type == "cuda" else None)
+        # --offload_teacher_model: the teacher lives in host memory and visits the device once per step.
+        self.teacher_offload = OffloadedModel(self.teacher, self.args.device) if gkd_args.offload_teacher_model \
+            else None
+        if self.teacher_offload is None:
+            self.teacher.to(self.args.device)
+        else:
+            self.add_callback(_OffloadTeacherBeforeOptimizerStep(self.teacher_offload))
         if gkd_args.gkd_logits_topk is not None and gkd_args.gkd_logits_topk > compared_vocab_size:
             raise GKDUserError(f"--gkd_logits_topk {gkd_args.gkd_logits_topk}: must be at most the vocabulary "
                                f"size {compared_vocab_size}")
+        # The one place the loss implementation is chosen (and logged), by running both models on the device.
+        if self.teacher_offload is not None:
+            self.teacher_offload.load()
+        self.loss_impl = choose_loss_impl(gkd_args.loss_impl, gkd_args.gkd_logits_topk, model, self.teacher,
+                                          compared_vocab_size)
+        if self.teacher_offload is not None:
+            self.teacher_offload.offload()
+        # Small chunks suit a CPU's caches; a GPU wants larger ones, or kernel launches dominate.
+        self.loss_chunk_size = gkd_args.loss_chunk_size or (256 if self.args.device.type == "cuda" else None)
+        self.gkd_loss = make_loss(self.loss_impl, LossSettings(
+            beta=gkd_args.beta, temperature=gkd_args.loss_temperature, vocab_size=compared_vocab_size,
+            chunk_size=self.loss_chunk_size, topk=gkd_args.gkd_logits_topk, topk_tail=gkd_args.gkd_logits_topk_tail,
+            sft_alpha=gkd_args.sft_alpha,
+        ))
         self.student_engine = student_engine or TransformersEngine(model, self.pad_token_id)
         self.teacher_engine = teacher_engine or TransformersEngine(self.teacher, self.pad_token_id)
         self._weights_synced_at_step = None
         self._reset_metrics()
         self._metrics_since_step = None  # set at the first step: a resumed run starts at its checkpoint's step
 
-    @contextlib.contextmanager
-    def _teacher_on_device(self):
-        """With --offload_teacher_model, the teacher comes to the device for the duration, then goes back."""
-        if not self.gkd.offload_teacher_model:
-            yield
-            return
-        self.teacher.to(self.args.device)
-        try:
-            yield
-        finally:
-            self.teacher.to("cpu")
-
     # ------------------------------------------------------------------ choosing and making completions
 
-    def _sampling_settings(self, *seed_parts) -> SamplingSettings:
+    def _sampling_settings(self) -> SamplingSettings:
         return SamplingSettings(
             max_new_tokens=self.gkd.max_completion_length,
             temperature=self.gkd.temperature,
             top_k=self.gkd.top_k,
             top_p=self.gkd.top_p,
             stop_token_ids=self.stop_token_ids,
-            seed=derive_seed(self.args.seed, *seed_parts),
+            vocab_size=self.vocab_size,
         )
 
     def _fit_max_length(self, prompt, completion):
@@ -128,39 +120,61 @@ class GKDTrainer(Trainer):
             return completion
         return completion[: max(self.max_length - len(prompt), 1)]
 
-    def _micro_batch_sources(self, global_step: int, micro_batch_index: int, rows: int) -> list[list[str]]:
-        """Every process's sample sources for one micro-batch (all processes hold `rows` rows: accelerate
-        evens out the last batch), computed alike on each process without any communication."""
-        world_size, per_device = self.accelerator.num_processes, self.args.per_device_train_batch_size
-        return [
-            [sample_source(self.args.seed, global_step, (micro_batch_index * world_size + rank) * per_device + offset,
-                           self.gkd.lmbda, self.gkd.seq_kd) for offset in range(rows)]
-            for rank in range(world_size)
-        ]
+    def _global_sample_indices(self, micro_batch_index: int, rank: int, rows: int) -> list[int]:
+        """Where each row of one process's micro-batch stands in the optimizer step's global batch: the
+        micro-batches of a step follow each other, and within one the processes' rows follow each other
+        (accelerate hands process r the r-th slice; every process holds `rows` rows, the last batch
+        evened out). train_batch_size counts the rows of one process (per device x GPUs under DataParallel)."""
+        world_size, per_process = self.accelerator.num_processes, self.args.train_batch_size
+        first = (micro_batch_index * world_size + rank) * per_process
+        return list(range(first, first + rows))
 
-    def _complete_batch(self, batch: dict, global_step: int, micro_batch_index: int) -> dict:
-        prompts, completions = batch["prompt_ids"], list(batch["completion_ids"])
-        rank = self.accelerator.process_index
-        everyone = self._micro_batch_sources(global_step, micro_batch_index, len(prompts))
-        sources = everyone[rank]
+    def _complete_step(self, batch_samples: list[dict], global_step: int) -> list[list[str]]:
+        """Give every sample of the optimizer step its completion; returns this process's sources per
+        micro-batch. Each sample's source and, when generated, its completion are functions of (seed, step,
+        global sample index) alone, so splitting the step differently (processes, accumulation) or resuming
+        leaves them unchanged. Each engine is called once for the whole step."""
+        rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
+        sources, needed_anywhere = [], set()
+        for micro_batch_index, batch in enumerate(batch_samples):
+            rows = len(batch["prompt_ids"])
+            for process in range(world_size):
+                indices = self._global_sample_indices(micro_batch_index, process, rows)
+                process_sources = [sample_source(self.args.seed, global_step, index, self.gkd.lmbda, self.gkd.seq_kd)
+                                   for index in indices]
+                needed_anywhere.update(process_sources)
+                if process == rank:
+                    sources.append(process_sources)
+            batch["completion_ids"] = list(batch["completion_ids"])
 
         started = time.perf_counter()
+        settings = self._sampling_settings()
         for source, engine in (("student", self.student_engine), ("teacher", self.teacher_engine)):
-            chosen = [index for index, name in enumerate(sources) if name == source]
+            chosen = [(m, row) for m, batch_sources in enumerate(sources)
+                      for row, name in enumerate(batch_sources) if name == source]
             # A collective engine is called by every process as soon as any one of them needs it.
-            if not any(source in rank_sources for rank_sources in (everyone if engine.collective else [sources])):
+            if not chosen and not (engine.collective and source in needed_anywhere):
                 continue
             if source == "student" and self._weights_synced_at_step != global_step:
                 engine.sync_weights(self.accelerator.unwrap_model(self.model))
                 self._weights_synced_at_step = global_step
-            settings = self._sampling_settings(global_step, rank, micro_batch_index, source)
-            with self._teacher_on_device() if source == "teacher" else contextlib.nullcontext():
-                generated = engine.generate([prompts[index] for index in chosen], settings)
-            for index, completion in zip(chosen, generated):
-                completions[index] = self._fit_max_length(prompts[index], completion)
+            prompts = [batch_samples[m]["prompt_ids"][row] for m, row in chosen]
+            seeds = [derive_seed(self.args.seed, "sample", global_step,
+                                 self._global_sample_indices(m, rank, len(batch_samples[m]["prompt_ids"]))[row])
+                     for m, row in chosen]
+            # The student samples in the training precision (under --bf16 its float32 master weights run
+            # through autocast, as in its training forward).
+            with self.accelerator.autocast():
+                generated = engine.generate(prompts, settings, seeds)
+            for (m, row), completion in zip(chosen, generated):
+                batch = batch_samples[m]
+                batch["completion_ids"][row] = self._fit_max_length(batch["prompt_ids"][row], completion)
         self._metrics["generation_seconds"] += time.perf_counter() - started
+        return sources
 
-        tensors = build_batch(prompts, completions, self.pad_token_id)
+    def _batch_tensors(self, batch: dict, sources: list[str]) -> dict:
+        prompts, completions = batch["prompt_ids"], batch["completion_ids"]
+        tensors = build_batch(prompts, completions, self.pad_token_id, self.vocab_size)
         tensors["from_student"] = torch.tensor([source == "student" for source in sources])
         for source in sources:
             self._metrics[f"samples_{source}"] += 1
@@ -175,9 +189,11 @@ class GKDTrainer(Trainer):
         global_step = self.state.global_step
         if self._metrics_since_step is None:
             self._metrics_since, self._metrics_since_step = time.perf_counter(), global_step
-        batch_samples = [
-            self._complete_batch(batch, global_step, index) for index, batch in enumerate(batch_samples)
-        ]
+        if self.teacher_offload is not None:
+            self.teacher_offload.load()  # for the step's generations and forwards; back before the optimizer
+        sources = self._complete_step(batch_samples, global_step)
+        batch_samples = [self._batch_tensors(batch, batch_sources)
+                         for batch, batch_sources in zip(batch_samples, sources)]
         self.student_engine.idle()  # no more sampling before the next optimizer step
         self.teacher_engine.idle()
         completion_tokens = sum(int(batch["labels"].ne(IGNORE_INDEX).sum()) for batch in batch_samples)
@@ -188,53 +204,13 @@ class GKDTrainer(Trainer):
 
     # ------------------------------------------------------------------ the loss
 
-    def _loss_sums(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed generalized JSD and summed cross-entropy (on non-student samples) of one micro-batch."""
-        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-        labels = inputs["labels"][:, 1:]
-        sft_labels = labels.masked_fill(inputs["from_student"][:, None], IGNORE_INDEX)
-        vocab = self.compared_vocab_size
-        options = {"beta": self.gkd.beta, "temperature": self.gkd.loss_temperature, "reduction": "sum"}
-        chunk = {} if self.loss_chunk_size is None else {"chunk_size": self.loss_chunk_size}
-        student_head = self.accelerator.unwrap_model(model).get_output_embeddings()
-
-        if self.loss_impl == "fused":
-            # logits_to_keep=1: the models' own heads project one position; the loss projects the rest
-            # chunk by chunk, so neither model's full logits ever exist.
-            hidden = {**forward, "output_hidden_states": True, "logits_to_keep": 1}
-            student_hidden = model(**hidden).hidden_states[-1][:, :-1]
-            with self._teacher_on_device():  # the loss reads the teacher's head too
-                with torch.no_grad():
-                    teacher_hidden = self.teacher(**hidden).hidden_states[-1][:, :-1]
-                teacher_head = self.teacher.get_output_embeddings()
-                jsd_sum = fused_generalized_jsd_loss(
-                    student_hidden, student_head.weight[:vocab], teacher_hidden, teacher_head.weight[:vocab], labels,
-                    student_lm_head_bias=None if student_head.bias is None else student_head.bias[:vocab],
-                    teacher_lm_head_bias=None if teacher_head.bias is None else teacher_head.bias[:vocab],
-                    **options, **chunk,
-                )
-            sft_positions = sft_labels != IGNORE_INDEX
-            sft_logits = student_head(student_hidden[sft_positions])[:, :vocab] if self.gkd.sft_alpha > 0 else None
-            sft_targets = sft_labels[sft_positions]
-        else:
-            student_logits = model(**forward).logits[:, :-1, :vocab]
-            with torch.no_grad(), self._teacher_on_device():
-                teacher_logits = self.teacher(**forward).logits[:, :-1, :vocab]
-                if self.loss_impl == "topk":  # keep K per position, let the full logits go
-                    teacher_logits = teacher_topk(teacher_logits, self.gkd.gkd_logits_topk, self.gkd.loss_temperature)
-            if self.loss_impl == "exact":
-                jsd_sum = generalized_jsd_loss(student_logits, teacher_logits, labels, **options)
-            elif self.loss_impl == "chunked":
-                jsd_sum = chunked_generalized_jsd_loss(student_logits, teacher_logits, labels, **options, **chunk)
-            else:
-                jsd_sum = topk_generalized_jsd_loss(student_logits, teacher_logits, labels,
-                                                    tail_bucket=self.gkd.gkd_logits_topk_tail, **options)
-            sft_logits, sft_targets = student_logits.flatten(0, 1), sft_labels.flatten()
-
-        if self.gkd.sft_alpha == 0:
-            return jsd_sum, jsd_sum.new_zeros(())
-        sft_sum = F.cross_entropy(sft_logits.float(), sft_targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        return jsd_sum, sft_sum
+    def _loss_sums(self, model, inputs, sft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed generalized JSD and summed cross-entropy (on non-student samples; 0 when sft is False or
+        sft_alpha is 0) of one micro-batch. self.gkd_loss (gkd/losses) runs both models as its implementation
+        needs; model may be a DDP/DeepSpeed wrapper, whose forward it calls. The teacher is on the device."""
+        sft_rows = ~inputs["from_student"] if sft and self.gkd.sft_alpha > 0 else None
+        batch = LossBatch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], sft_rows)
+        return tuple(self.gkd_loss(model, self.teacher, batch, student_module=self.accelerator.unwrap_model(model)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         jsd_sum, sft_sum = self._loss_sums(model, inputs)
@@ -255,6 +231,8 @@ class GKDTrainer(Trainer):
         model = self.model
         was_training = model.training
         model.eval()
+        if self.teacher_offload is not None:
+            self.teacher_offload.load()
         totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # summed JSD, tokens
         samples = 0
         for inputs in dataloader:
@@ -262,10 +240,12 @@ class GKDTrainer(Trainer):
             batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
             batch["from_student"] = torch.zeros(len(inputs["prompt_ids"]), dtype=torch.bool, device=self.args.device)
             with torch.no_grad(), self.compute_loss_context_manager():
-                jsd_sum, _ = self._loss_sums(model, batch)
+                jsd_sum, _ = self._loss_sums(model, batch, sft=False)  # eval_loss is the JSD alone: no SFT term
             totals += torch.stack([jsd_sum.double(), batch["labels"].ne(IGNORE_INDEX).sum().double()])
             samples += len(inputs["prompt_ids"])
         model.train(was_training)
+        if self.teacher_offload is not None:
+            self.teacher_offload.offload()
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         metrics = {f"{metric_key_prefix}_loss": (totals[0] / totals[1].clamp(min=1)).item()}

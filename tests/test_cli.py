@@ -2,7 +2,6 @@
 
 import ast
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -14,6 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, write_jsonl
+from gkd.data import build_batch, load_examples
+from gkd.losses import generalized_jsd_loss
+from gkd.models import generation_config, stop_token_ids
 
 
 def gkd_train(*flags, cwd=None):
@@ -39,15 +41,32 @@ def log_history(checkpoint):
 )
 def test_each_source_trains_saves_and_reloads(tmp_path, tiny, source_flags, source):
     out = tmp_path / "out"
-    result = gkd_train(*base_flags(tiny, out), "--max_steps", 2, *source_flags)
+    dataset = f"{tiny / 'data' / 'train.jsonl'}#8"  # one step of 4 x 2 holds every row, in whatever order
+    result = gkd_train(*base_flags(tiny, out, dataset), "--max_steps", 2, *source_flags)
     assert result.returncode == 0, result.stderr[-3000:]
 
     logs = [entry for entry in log_history(out / "checkpoint-2") if "loss" in entry]
     assert len(logs) == 2
     for entry in logs:
-        assert math.isfinite(entry["loss"]) and entry["loss"] > 0
         assert entry[f"samples_{source}"] == 8  # every sample of the step came from the expected source
         assert 0 <= entry["generation_share"] <= 1 and entry["tokens_per_second"] > 0
+        assert entry["loss"] == pytest.approx(entry["jsd_loss"], abs=1e-4)  # --sft_alpha 0
+        assert 0 < entry["completion_length"] <= (12 if source != "dataset" else 100)  # generation's bound
+    if source == "dataset":
+        # The first step's loss, computed here from the untouched models: the per-token generalized JSD
+        # (beta 0.5) over all completion tokens of the 8 rows.
+        tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+        stop_ids = stop_token_ids(tokenizer, generation_config(str(tiny / "student"), False))
+        examples = load_examples([dataset], tokenizer, stop_ids, seed=42)
+        batch = build_batch([e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples],
+                            tokenizer.pad_token_id)
+        with torch.no_grad():
+            student_logits, teacher_logits = (
+                AutoModelForCausalLM.from_pretrained(tiny / name)(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :320]
+                for name in ("student", "teacher"))
+        expected = generalized_jsd_loss(student_logits, teacher_logits, batch["labels"][:, 1:], beta=0.5)
+        assert logs[0]["loss"] == pytest.approx(expected.item(), abs=2e-4)
 
     before = load_file(tiny / "student" / "model.safetensors")
     after = load_file(out / "model.safetensors")
@@ -88,7 +107,6 @@ def test_resumed_run_repeats_the_uninterrupted_one(tmp_path, tiny, processes):
 
 
 def bad_runs(tiny, tmp_path):
-    data = tiny / "data" / "train.jsonl"
     other_teacher = tmp_path / "other-teacher"
     shutil.copytree(tiny / "teacher", other_teacher)
     tokenizer = AutoTokenizer.from_pretrained(other_teacher)
@@ -144,35 +162,35 @@ def test_lora_saves_a_merged_plain_model(tmp_path, tiny):
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_two_processes_step_like_one_with_the_same_global_batch(tmp_path, tiny):
-    """torchrun with 2 CPU processes (gloo) x batch 2 against 1 process x batch 4: the same sources are
-    drawn for the same global samples, and with dataset completions the weights end up equal."""
+def test_on_policy_steps_do_not_depend_on_how_the_batch_is_split(tmp_path, tiny):
+    """--lmbda 0.5, so steps hold student samples: 1 process x batch 4, 1 x batch 2 x accumulation 2,
+    torchrun with 2 CPU processes (gloo) x batch 2, and 2 processes x batch 1 x accumulation 2 draw the same
+    sources and the same student completions for the same global samples, and end on the same weights."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
                 "-m", "gkd.cli.train"]
+    single = [sys.executable, "-m", "gkd.cli.train"]
     # Plain SGD: Adam's normalisation would turn float rounding in near-zero gradients into visible steps.
-    common = ["--max_steps", 2, "--seed", 3, "--optim", "sgd", "--learning_rate", "0.5",
-              "--lr_scheduler_type", "constant", "--save_strategy", "no"]
+    common = ["--max_steps", 3, "--seed", 3, "--optim", "sgd", "--learning_rate", "0.5", "--lmbda", 0.5,
+              "--lr_scheduler_type", "constant", "--save_strategy", "no", "--temperature", 1.0]
 
-    def run(prefix, output_dir, batch_size, *flags):
-        flags = [*base_flags(tiny, output_dir), *common, "--per_device_train_batch_size", batch_size,
-                 "--gradient_accumulation_steps", 1, *flags]
+    def run(prefix, name, batch_size, accumulation):
+        flags = [*base_flags(tiny, tmp_path / name), *common, "--per_device_train_batch_size", batch_size,
+                 "--gradient_accumulation_steps", accumulation]
         result = subprocess.run([*prefix, *map(str, flags)], capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-        return [line for line in result.stdout.splitlines() if line.startswith("{'loss'")]
+        logs = [ast.literal_eval(line) for line in result.stdout.splitlines() if line.startswith("{'loss'")]
+        counts = [(entry["samples_student"], entry["samples_dataset"], entry["completion_length"]) for entry in logs]
+        return load_file(tmp_path / name / "model.safetensors"), counts
 
-    single = [sys.executable, "-m", "gkd.cli.train"]
-    run(single, tmp_path / "one", 4, "--lmbda", 0)
-    run(torchrun, tmp_path / "two", 2, "--lmbda", 0)
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
-
-    logs_one = run(single, tmp_path / "mixed-one", 4, "--lmbda", 0.5)
-    logs_two = run(torchrun, tmp_path / "mixed-two", 2, "--lmbda", 0.5)
-    counts = [[ast.literal_eval(line)[f"samples_{source}"] for source in ("student", "dataset")] for line in logs_one]
-    assert counts == [[ast.literal_eval(line)[f"samples_{source}"] for source in ("student", "dataset")]
-                      for line in logs_two]
-    assert all(sum(step) == 4 for step in counts)
+    reference, reference_counts = run(single, "one-4x1", 4, 1)
+    assert all(student + dataset == 4 for student, dataset, _ in reference_counts)
+    assert sum(student for student, _, _ in reference_counts) >= 3  # the steps do generate
+    for prefix, name, batch_size, accumulation in ((single, "one-2x2", 2, 2), (torchrun, "two-2x1", 2, 1),
+                                                    (torchrun, "two-1x2", 1, 2)):
+        weights, counts = run(prefix, name, batch_size, accumulation)
+        assert counts == reference_counts, name  # same sources, same completion lengths
+        for key in reference:
+            torch.testing.assert_close(weights[key], reference[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
 
 
 @pytest.mark.parametrize("form", ["module", "script"])

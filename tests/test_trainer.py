@@ -1,16 +1,17 @@
 """GKDTrainer: source selection, loss normalisation over the optimizer step, the teacher, generation."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from gkd.config import GKDArguments
 from gkd.data import IGNORE_INDEX, build_batch, tokenize_messages
 from gkd.errors import GKDUserError
-from gkd.loss import generalized_jsd_loss
-from gkd.models import check_vocabularies
+from gkd.losses import generalized_jsd_loss
+from gkd.models import check_vocabularies, output_vocab_size
 from gkd.sampling import SamplingSettings, TransformersEngine
 from gkd.trainer import GKDTrainer, sample_source
 
@@ -61,17 +62,19 @@ def make_examples(tokenizer, completions):
     return examples
 
 
-def make_trainer(tmp_path, tokenizer, student, teacher, examples, *, batch_size, accumulation, **gkd_flags):
+def make_trainer(tmp_path, tokenizer, student, teacher, examples, *, batch_size, accumulation, bf16=False,
+                 **gkd_flags):
     args = TrainingArguments(
         output_dir=str(tmp_path / f"out-{batch_size}-{accumulation}"), per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=0.5,
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to="none", save_strategy="no",
-        seed=11, disable_tqdm=True,
+        seed=11, disable_tqdm=True, bf16=bf16, use_cpu=bf16,
     )
     gkd_args = GKDArguments(**{"lmbda": 0.0, "max_completion_length": 8, **gkd_flags})
     return GKDTrainer(
         model=student, teacher_model=teacher, args=args, gkd_args=gkd_args,
-        stop_token_ids=(tokenizer.eos_token_id,), compared_vocab_size=student.config.vocab_size,
+        stop_token_ids=(tokenizer.eos_token_id,),
+        compared_vocab_size=min(output_vocab_size(student), output_vocab_size(teacher)),
         train_dataset=examples, processing_class=tokenizer,
     )
 
@@ -130,6 +133,18 @@ def test_divisor_is_recounted_after_generation(tmp_path, tokenizer, models):
     assert all(batch["from_student"].all() for batch in batches)
 
 
+def test_the_student_samples_in_the_training_precision(tmp_path, tokenizer, models):
+    """--bf16: the student's float32 master weights generate through bf16 autocast, as its training forward."""
+    student, teacher = models
+    trainer = make_trainer(tmp_path, tokenizer, student, teacher, make_examples(tokenizer, ["1", "2"]),
+                           batch_size=2, accumulation=1, lmbda=1.0, bf16=True)
+    dtypes = []
+    student.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 1, torch.device("cpu"))
+    assert len(dtypes) > 1 and set(dtypes) == {torch.bfloat16}
+    assert next(student.parameters()).dtype == torch.float32
+
+
 def test_teacher_stays_frozen_in_eval_mode(tmp_path, tokenizer, models):
     student, teacher = models
     before = {name: param.clone() for name, param in teacher.named_parameters()}
@@ -150,8 +165,8 @@ def test_generated_completions_end_at_the_first_stop(tokenizer, models, pad_is_e
     eos = tokenizer.eos_token_id
     engine = TransformersEngine(student, eos if pad_is_eos else tokenizer.pad_token_id)
     prompts = [make_examples(tokenizer, ["a"] * 6)[index]["prompt_ids"] for index in range(6)]
-    settings = SamplingSettings(max_new_tokens=12, temperature=1.5, stop_token_ids=(eos,), seed=5)
-    completions = engine.generate(prompts, settings)
+    settings = SamplingSettings(max_new_tokens=12, temperature=1.5, stop_token_ids=(eos,))
+    completions = engine.generate(prompts, settings, seeds=list(range(6)))
     assert len(completions) == 6
     for completion in completions:
         assert 1 <= len(completion) <= 12
@@ -159,33 +174,105 @@ def test_generated_completions_end_at_the_first_stop(tokenizer, models, pad_is_e
     assert any(completion[-1] == eos for completion in completions) or all(len(c) == 12 for c in completions)
 
 
-def test_seeded_generation_repeats_and_leaves_the_training_rng_alone(tokenizer, models):
+def test_a_sample_depends_on_its_own_seed_alone(tokenizer, models):
+    """Same prompt and seed: same completion whatever else shares the call; the training RNG is untouched."""
     student, _ = models
     engine = TransformersEngine(student, tokenizer.pad_token_id)
-    prompts = [example["prompt_ids"] for example in make_examples(tokenizer, ["a", "b", "c"])]
-    settings = SamplingSettings(max_new_tokens=10, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,), seed=9)
+    prompts = [example["prompt_ids"] for example in make_examples(tokenizer, ["a", "bb", "c", "dddd"])]
+    settings = SamplingSettings(max_new_tokens=10, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,))
     torch.manual_seed(0)
-    first = engine.generate(prompts, settings)
+    first = engine.generate(prompts, settings, seeds=[9, 10, 11, 12])
     after_first = torch.rand(1)
     torch.manual_seed(0)
-    assert engine.generate(prompts, settings) == first
+    assert engine.generate(prompts[2:], settings, seeds=[11, 12]) == first[2:]  # other neighbours, other padding
+    assert engine.generate(prompts[::-1], settings, seeds=[12, 11, 10, 9]) == first[::-1]
     assert torch.equal(torch.rand(1), after_first)
+    assert engine.generate(prompts, settings, seeds=[1, 2, 3, 4]) != first
     greedy = SamplingSettings(max_new_tokens=10, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
-    assert engine.generate(prompts, greedy) == engine.generate(prompts[::-1], greedy)[::-1]
+    reference = student.generate(torch.tensor([prompts[1]]), max_new_tokens=10, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    assert engine.generate(prompts, greedy)[1] == reference[0, len(prompts[1]):].tolist()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8)])
+def test_sampled_first_tokens_follow_the_warped_distribution(tokenizer, models, temperature, top_k, top_p):
+    """2000 seeds of one prompt: the first token's frequencies match softmax(logits / T) after top-k /
+    top-p, computed here independently of transformers' warpers."""
+    student, _ = models
+    prompt = make_examples(tokenizer, ["a"])[0]["prompt_ids"]
+    with torch.no_grad():
+        logits = student(torch.tensor([prompt])).logits[0, -1, :259].double() / temperature
+    probs = logits.softmax(-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if top_k:
+        keep &= probs >= probs.topk(top_k).values[-1]
+    if top_p:
+        ordered, order = probs.sort(descending=True)
+        before = ordered.cumsum(0) - ordered  # mass strictly above each token: kept while below top_p
+        keep &= torch.zeros_like(keep).scatter(0, order, before < top_p)
+    expected = torch.where(keep, probs, 0.0)
+    expected /= expected.sum()
+
+    draws = 2000
+    engine = TransformersEngine(student, tokenizer.pad_token_id)
+    settings = SamplingSettings(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=259)
+    first = [completion[0] for completion in engine.generate([prompt] * draws, settings, seeds=list(range(draws)))]
+    counts = torch.bincount(torch.tensor(first), minlength=320).double()
+    assert counts[~torch.nn.functional.pad(keep, (0, 61))].sum() == 0  # nothing outside top-k / top-p / the vocab
+    # Each frequency within 5 binomial standard deviations (plus one count) of its probability.
+    spread = 5 * (expected * (1 - expected) / draws).sqrt() + 1 / draws
+    assert ((counts[:259] / draws - expected).abs() <= spread).all()
+
+
+# ----------------------------------------------------------------------------- padded output layers
+
+
+def make_padding_rows_likely(model, rows: int, tokenizer):
+    """Resize the output layer to `rows` and make its new (padding) rows likely next tokens: each new row
+    points along the model's mean final hidden state, scaled to give a logit of about 12 there."""
+    old_rows = model.get_output_embeddings().weight.shape[0]
+    prompts = [example["prompt_ids"] for example in make_examples(tokenizer, ["a"] * 4)]
+    with torch.no_grad():
+        hidden = torch.cat([model(torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0]
+                            for prompt in prompts]).mean(0)
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        model.get_output_embeddings().weight[old_rows:] = 12 * hidden / hidden.square().sum()
+
+
+def test_no_engine_draws_an_output_layer_padding_row(tokenizer, models):
+    student, _ = models
+    make_padding_rows_likely(student, 384, tokenizer)
+    engine = TransformersEngine(student, tokenizer.pad_token_id)
+    prompts = [example["prompt_ids"] for example in make_examples(tokenizer, ["a"] * 8)]
+    settings = SamplingSettings(max_new_tokens=12, temperature=1.0)
+    unguarded = engine.generate(prompts, settings, seeds=list(range(8)))
+    assert sum(token >= 259 for completion in unguarded for token in completion) > 20  # the test has teeth
+    guarded = engine.generate(prompts, dataclasses.replace(settings, vocab_size=259), seeds=list(range(8)))
+    assert max(token for completion in guarded for token in completion) < 259
+
+
+@pytest.mark.parametrize("padded, flags", [("student", {"lmbda": 1.0}), ("teacher", {"seq_kd": True})])
+def test_a_padded_output_layer_trains_on_tokens_only(tmp_path, tokenizer, models, padded, flags):
+    """Qwen2.5-7B (152064 rows) teaching Qwen2.5-0.5B (151936) around a 151665-token tokenizer, in small:
+    the sampling model's padding rows are likely, yet every completion holds tokenizer ids only."""
+    student, teacher = models
+    make_padding_rows_likely(student if padded == "student" else teacher, 384, tokenizer)
+    examples = make_examples(tokenizer, ["1", "2", "3", "4"])
+    trainer = make_trainer(tmp_path, tokenizer, student, teacher, examples, batch_size=2, accumulation=2,
+                           **flags)
+    batches, _ = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 2, torch.device("cpu"))
+    completions = torch.cat([batch["labels"][batch["labels"] != IGNORE_INDEX] for batch in batches])
+    assert completions.numel() > 8 and int(completions.max()) < 259
+    trainer.train()  # before the fix: IndexError in the 320-row model's embedding
+
+
+def test_build_batch_refuses_an_id_past_the_tokenizer(tokenizer):
+    with pytest.raises(GKDUserError, match="completion 1 of the batch holds token id 300, outside the "
+                                           "tokenizer's 259 ids"):
+        build_batch([[1, 2], [3]], [[4], [5, 300]], tokenizer.pad_token_id, vocab_size=259)
 
 
 # ----------------------------------------------------------------------------- vocabularies
-
-
-def test_fused_is_the_default_where_the_heads_allow_it(tmp_path, tokenizer, models):
-    student, teacher = models
-    examples = make_examples(tokenizer, ["1"])
-    assert make_trainer(tmp_path, tokenizer, student, teacher, examples, batch_size=1, accumulation=1).loss_impl == "fused"
-    student.config.final_logit_softcapping = 30.0  # as Gemma 2: the head's output is transformed
-    assert make_trainer(tmp_path, tokenizer, student, teacher, examples, batch_size=1,
-                        accumulation=1).loss_impl == "chunked"
-    with pytest.raises(GKDUserError, match="--loss_impl fused: LlamaForCausalLM rescales or caps its logits"):
-        make_trainer(tmp_path, tokenizer, student, teacher, examples, batch_size=1, accumulation=1, loss_impl="fused")
 
 
 def test_padding_rows_are_tolerated_but_another_tokenizer_is_refused(tiny, tokenizer, models):
@@ -218,18 +305,62 @@ def test_eval_loss_is_per_completion_token_over_the_whole_set(tmp_path, tokenize
 
 
 @pytest.mark.parametrize("loss_impl", ["fused", "chunked"])
-def test_offloaded_teacher_takes_the_same_steps(tmp_path, tiny, tokenizer, loss_impl):
-    """--offload_teacher_model moves the teacher for each forward and generation, and back to CPU memory."""
+def test_offloaded_teacher_visits_the_device_once_per_step(tmp_path, tiny, tokenizer, loss_impl):
+    """--offload_teacher_model: the teacher's weights are device copies during every generation and forward
+    of a step, copied in once per optimizer step, and point at their host copies before the optimizer runs;
+    the steps equal those of a teacher that never moves. (On this CPU "device" copies are still copies:
+    distinct storage from the host copies, which is what is checked.)"""
     weights = []
     for offload in (False, True):
         student = AutoModelForCausalLM.from_pretrained(tiny / "student", dtype=torch.float32)
         teacher = AutoModelForCausalLM.from_pretrained(tiny / "teacher", dtype=torch.float32)
-        examples = make_examples(tokenizer, ["1", "22 + 22 = 44", "3", "4 + 4 = 8"])
+        examples = make_examples(tokenizer, ["1", "22 + 22 = 44", "3", "4 + 4 = 8"] * 2)
         trainer = make_trainer(tmp_path / str(offload), tokenizer, student, teacher, examples, batch_size=2,
                                accumulation=2, lmbda=0.0, seq_kd=True, loss_impl=loss_impl,
                                offload_teacher_model=offload)
+        trainer.args.max_steps = 2
+        placement = trainer.teacher_offload
+        host_pointers = set() if placement is None else {host.data_ptr() for host in placement._host.values()}
+        seen_on_host = []  # one entry per teacher forward (generation steps included)
+        teacher.register_forward_pre_hook(
+            lambda module, args: seen_on_host.append(module.lm_head.weight.data_ptr() in host_pointers))
+        loads_before_training = 0 if placement is None else placement.loads
+        optimizer_steps = []
+        trainer.add_callback(type("Spy", (TrainerCallback,), {"on_optimizer_step": lambda self, *a, **k: (
+            optimizer_steps.append(teacher.lm_head.weight.data_ptr() in host_pointers))})())
         trainer.train()
-        assert next(trainer.teacher.parameters()).device.type == "cpu"
+        assert len(seen_on_host) > 8 and not any(seen_on_host)
+        if offload:
+            assert placement.loads - loads_before_training == 2  # 2 steps of 2 micro-batches: once per step
+            assert optimizer_steps == [True, True]  # back on the host before each optimizer step
+            assert all(tensor.data_ptr() in host_pointers for tensor in teacher.parameters())
         weights.append({name: parameter.detach().clone() for name, parameter in student.named_parameters()})
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+def test_sample_indices_count_every_row_of_a_data_parallel_batch(tmp_path, tokenizer, models):
+    """Single-process multi-GPU (DataParallel) batches hold per_device x n_gpu rows: the next micro-batch's
+    samples start after all of them, or neighbouring micro-batches would repeat their sources."""
+    trainer = make_trainer(tmp_path, tokenizer, *models, make_examples(tokenizer, ["1"] * 8), batch_size=2,
+                           accumulation=2)
+    assert trainer._global_sample_indices(1, 0, 2) == [2, 3]
+    trainer.args._n_gpu = 2  # what TrainingArguments sets with two visible GPUs and no process group
+    assert trainer._global_sample_indices(0, 0, 4) == [0, 1, 2, 3]
+    assert trainer._global_sample_indices(1, 0, 4) == [4, 5, 6, 7]
+
+
+def test_ddp_looks_for_unused_parameters_only_in_a_mixture_of_experts(tmp_path, tokenizer, models):
+    """A dense student uses every parameter each step (DDP may skip the search); an MoE student may leave an
+    expert unused in a step, which DDP with find_unused_parameters=False stops on."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    student, teacher = models
+    examples = make_examples(tokenizer, ["1"])
+    dense = make_trainer(tmp_path, tokenizer, student, teacher, examples, batch_size=1, accumulation=1)
+    assert dense.args.ddp_find_unused_parameters is False
+    moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=1))
+    trainer = make_trainer(tmp_path, tokenizer, moe, teacher, examples, batch_size=1, accumulation=1, loss_impl="exact")
+    assert trainer.args.ddp_find_unused_parameters is True
