@@ -18,10 +18,10 @@ class OffloadedModel:
             if id(tensor) not in by_tensor:
                 host = tensor.detach().to("cpu")
                 by_tensor[id(tensor)] = host.pin_memory() if pin else host.clone()
+                tensor.data = by_tensor[id(tensor)]  # at once: the original goes now, not after the whole model
             self._host[name] = by_tensor[id(tensor)]
         self.on_device = False
         self.loads = 0  # how many times the weights came to the device: once per optimizer step
-        self.offload()
 
     def _tensors(self):
         yield from self.model.named_parameters(remove_duplicate=False)
@@ -31,13 +31,13 @@ class OffloadedModel:
         """Copy the weights to the device (a no-op while they are there)."""
         if self.on_device:
             return
-        copies = {}  # tied weights (one tensor, two names) are copied once and stay tied
+        copies = {}  # tied weights (one host copy, two names) are copied once and stay tied
         for name, tensor in self._tensors():
             host = self._host[name]
-            if host.data_ptr() not in copies:
+            if id(host) not in copies:
                 # empty + copy_ rather than .to(): a real copy also when the device is the host itself.
-                copies[host.data_ptr()] = torch.empty_like(host, device=self.device).copy_(host, non_blocking=True)
-            tensor.data = copies[host.data_ptr()]
+                copies[id(host)] = torch.empty_like(host, device=self.device).copy_(host, non_blocking=True)
+            tensor.data = copies[id(host)]
         self.on_device, self.loads = True, self.loads + 1
 
     def offload(self) -> None:

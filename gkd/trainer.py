@@ -36,8 +36,9 @@ def sample_source(seed: int, global_step: int, sample_index: int, lmbda: float, 
 
 def has_experts(model) -> bool:
     """A mixture-of-experts model, by the config fields transformers' MoE families use."""
-    config = model.config
-    return any(getattr(config, name, None) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
+    configs = (model.config, model.config.get_text_config())  # composite models keep it in text_config
+    return any(getattr(config, name, None) for config in configs
+               for name in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 class _OffloadTeacherBeforeOptimizerStep(TrainerCallback):
@@ -83,13 +84,10 @@ class GKDTrainer(Trainer):
         if gkd_args.gkd_logits_topk is not None and gkd_args.gkd_logits_topk > compared_vocab_size:
             raise GKDUserError(f"--gkd_logits_topk {gkd_args.gkd_logits_topk}: must be at most the vocabulary "
                                f"size {compared_vocab_size}")
-        # The one place the loss implementation is chosen (and logged), by running both models on the device.
-        if self.teacher_offload is not None:
-            self.teacher_offload.load()
+        # The one place the loss implementation is chosen (and logged), by running both models where they are
+        # (an offloaded teacher on the host: loading it here could meet a colocated vLLM engine's memory).
         self.loss_impl = choose_loss_impl(gkd_args.loss_impl, gkd_args.gkd_logits_topk, model, self.teacher,
-                                          compared_vocab_size)
-        if self.teacher_offload is not None:
-            self.teacher_offload.offload()
+                                          compared_vocab_size, replicas=max(self.args.n_gpu, 1))
         # Small chunks suit a CPU's caches; a GPU wants larger ones, or kernel launches dominate.
         self.loss_chunk_size = gkd_args.loss_chunk_size or (256 if self.args.device.type == "cuda" else None)
         self.gkd_loss = make_loss(self.loss_impl, LossSettings(
@@ -97,7 +95,10 @@ class GKDTrainer(Trainer):
             chunk_size=self.loss_chunk_size, topk=gkd_args.gkd_logits_topk, topk_tail=gkd_args.gkd_logits_topk_tail,
             sft_alpha=gkd_args.sft_alpha,
         ))
-        self.student_engine = student_engine or TransformersEngine(model, self.pad_token_id)
+        # The student samples in the training precision: under --bf16 its float32 master weights run through
+        # autocast, as in its training forward (vLLM engines hold weights in their own dtype).
+        self.student_engine = student_engine or TransformersEngine(model, self.pad_token_id,
+                                                                   autocast=self.accelerator.autocast)
         self.teacher_engine = teacher_engine or TransformersEngine(self.teacher, self.pad_token_id)
         self._weights_synced_at_step = None
         self._reset_metrics()
@@ -162,10 +163,10 @@ class GKDTrainer(Trainer):
             seeds = [derive_seed(self.args.seed, "sample", global_step,
                                  self._global_sample_indices(m, rank, len(batch_samples[m]["prompt_ids"]))[row])
                      for m, row in chosen]
-            # The student samples in the training precision (under --bf16 its float32 master weights run
-            # through autocast, as in its training forward).
-            with self.accelerator.autocast():
-                generated = engine.generate(prompts, settings, seeds)
+            if source == "teacher" and self.teacher_offload is not None:
+                self.teacher_offload.load()  # after the student's engine has released its memory (idle)
+            generated = engine.generate(prompts, settings, seeds)
+            engine.idle()  # no more sampling from it before the next optimizer step
             for (m, row), completion in zip(chosen, generated):
                 batch = batch_samples[m]
                 batch["completion_ids"][row] = self._fit_max_length(batch["prompt_ids"][row], completion)
@@ -189,13 +190,12 @@ class GKDTrainer(Trainer):
         global_step = self.state.global_step
         if self._metrics_since_step is None:
             self._metrics_since, self._metrics_since_step = time.perf_counter(), global_step
-        if self.teacher_offload is not None:
-            self.teacher_offload.load()  # for the step's generations and forwards; back before the optimizer
         sources = self._complete_step(batch_samples, global_step)
+        if self.teacher_offload is not None:
+            self.teacher_offload.load()  # for the step's forwards (if its generation did not bring it); back
+            # before the optimizer runs
         batch_samples = [self._batch_tensors(batch, batch_sources)
                          for batch, batch_sources in zip(batch_samples, sources)]
-        self.student_engine.idle()  # no more sampling before the next optimizer step
-        self.teacher_engine.idle()
         completion_tokens = sum(int(batch["labels"].ne(IGNORE_INDEX).sum()) for batch in batch_samples)
         completion_tokens = torch.tensor(completion_tokens, device=device)
         if self.accelerator.num_processes > 1:
@@ -211,6 +211,13 @@ class GKDTrainer(Trainer):
         sft_rows = ~inputs["from_student"] if sft and self.gkd.sft_alpha > 0 else None
         batch = LossBatch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], sft_rows)
         return tuple(self.gkd_loss(model, self.teacher, batch, student_module=self.accelerator.unwrap_model(model)))
+
+    def compute_loss_context_manager(self):
+        """The loss runs under the accelerator's autocast: accelerate casts only inside the prepared model's
+        forward, and the fused loss projects the LM heads outside it, in autocast's dtype when it is on."""
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(self.accelerator.autocast())
+        return stack
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         jsd_sum, sft_sum = self._loss_sums(model, inputs)

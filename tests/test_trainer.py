@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import types
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from gkd.errors import GKDUserError
 from gkd.losses import generalized_jsd_loss
 from gkd.models import check_vocabularies, output_vocab_size
 from gkd.sampling import SamplingSettings, TransformersEngine
-from gkd.trainer import GKDTrainer, sample_source
+from gkd.trainer import GKDTrainer, has_experts, sample_source
 
 
 # ----------------------------------------------------------------------------- source selection
@@ -364,3 +365,6 @@ def test_ddp_looks_for_unused_parameters_only_in_a_mixture_of_experts(tmp_path, 
         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=1))
     trainer = make_trainer(tmp_path, tokenizer, moe, teacher, examples, batch_size=1, accumulation=1, loss_impl="exact")
     assert trainer.args.ddp_find_unused_parameters is True
+    # A vision-language MoE keeps its expert count under text_config.
+    composite = types.SimpleNamespace(config=types.SimpleNamespace(get_text_config=lambda: moe.config))
+    assert has_experts(composite) and not has_experts(student)

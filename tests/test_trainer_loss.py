@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, FalconH1Config, FalconH1ForCausal
 from gkd.config import GKDArguments
 from gkd.data import IGNORE_INDEX, build_batch, tokenize_messages
 from gkd.errors import GKDUserError
-from gkd.losses import LossBatch, LossSettings, generalized_jsd_loss, make_loss
+from gkd.losses import LossBatch, LossSettings, choose_loss_impl, generalized_jsd_loss, make_loss
 from gkd.trainer import GKDTrainer
 
 COMPLETIONS = ["1", "22 + 22 = 44 and that is it", "3", "4 + 4 = 8"]
@@ -215,6 +215,29 @@ def test_bf16_step_agrees_across_implementations(tmp_path, tiny, tokenizer):
             assert got_log[key] == pytest.approx(log[key], rel=1e-4), (impl, key)
         for name, update in updates.items():
             assert relative_error(got_updates[name], update) < 1e-2, (impl, name)
+
+
+def test_the_fused_loss_projects_in_the_autocast_dtype_in_a_bf16_step(tmp_path, tiny, tokenizer, monkeypatch):
+    """accelerate casts only inside the prepared model's forward; the fused loss projects the heads outside
+    it, so the trainer runs the loss under the accelerator's autocast: the head GEMMs are bf16, as the
+    models' own heads would be, though the student's master weights are float32."""
+    import gkd.losses.fused as fused
+
+    seen = []
+    original = fused.gemm_dtype
+    monkeypatch.setattr(fused, "gemm_dtype", lambda *args: seen.append(original(*args)) or seen[-1])
+    one_step(tmp_path, tiny, tokenizer, bf16=True, loss_impl="fused", sft_alpha=0.3)
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_data_parallel_replicas_get_the_chunked_loss(tiny):
+    """torch DataParallel splits a batch between replicas, each decoder seeing a slice: no single final
+    hidden state for the fused loss, so it is chunked by default and refused when asked for."""
+    student, teacher = load(tiny, "student"), load(tiny, "teacher")
+    assert choose_loss_impl(None, None, student, teacher, 320) == "fused"
+    assert choose_loss_impl(None, None, student, teacher, 320, replicas=2) == "chunked"
+    with pytest.raises(GKDUserError, match="--loss_impl fused: single-process training over 2 GPUs"):
+        choose_loss_impl("fused", None, student, teacher, 320, replicas=2)
 
 
 def test_gradient_checkpointing_with_the_fused_loss_changes_nothing(tmp_path, tiny, tokenizer):

@@ -291,3 +291,14 @@ def test_gkd_rollout_refusals_are_one_line(tiny):
         assert lines[0].startswith("gkd-rollout: GKD_ROLLOUT_TOKEN is not set; run gkd-train with GKD_ROLLOUT_TOKEN=")
         assert len(lines[0].rsplit("=", 1)[1]) >= 32
         assert lines[-1].startswith("gkd-rollout: error: gkd-rollout needs vLLM")
+
+
+def test_weights_unlike_the_served_model_are_refused_by_name(tiny):
+    """A trainer that sends other weight names or shapes is told the first difference (not a TypeError from
+    hashing the JSON lists the shapes arrive as) before anything is received."""
+    rollout = Rollout(None, describe_model(str(tiny / "student"), False), "127.0.0.1", "t", 30)
+    rollout.group = object()  # connected; nothing may be received from it
+    buckets = [[[name, list(shape), "torch.float32"] for name, shape in rollout.expected_weights.items()]]
+    buckets[0][0][1] = [1, 1]
+    with pytest.raises(ValueError, match=r"differ from the served model's, first at \[\('lm_head.weight', \(1, 1\)"):
+        rollout.update_weights({"buckets": buckets})

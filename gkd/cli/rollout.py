@@ -102,7 +102,8 @@ class Rollout:
         buckets = payload["buckets"]
         sent = {name: shape for bucket in buckets for name, shape, _ in bucket}
         if sent != self.expected_weights:
-            wrong = sorted(set(sent.items()) ^ set((name, tuple(shape)) for name, shape in self.expected_weights.items()))
+            wrong = sorted({(name, tuple(shape)) for name, shape in sent.items()}
+                           ^ {(name, tuple(shape)) for name, shape in self.expected_weights.items()})
             raise ValueError(f"the weights sent differ from the served model's, first at {wrong[:1]}")
         self.engine.check_loadable(sent)
         self.engine.load_weights(receive_weights(self.group, buckets, self.device))
@@ -138,11 +139,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         rollout = self.server.rollout
-        # The body is read even when the request is refused, so the client sees the refusal rather than a
-        # connection reset in the middle of its upload.
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         if not self._authorized():
+            # Nothing of an unauthorised body is read (it may be any size): the connection is closed after
+            # the refusal, so the client sees the refusal or a reset, never a server that buffered it all.
+            self.close_connection = True
             return
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         routes = {"/generate": "generate", "/weights/connect": "start_connect", "/weights/update": "update_weights"}
         if self.path not in routes:
             self._reply(404, f"no such endpoint: POST {self.path}")

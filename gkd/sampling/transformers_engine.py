@@ -7,6 +7,8 @@ a generator seeded with that row's seed. argmax(scores + Gumbel noise) is an exa
 softmax(scores) (the Gumbel-max trick), and row i's noise depends on seeds[i] alone.
 """
 
+import contextlib
+
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -44,10 +46,12 @@ class RowGumbelNoise(LogitsProcessor):
 
 
 class TransformersEngine(SamplingEngine):
-    def __init__(self, model, pad_token_id: int, max_batch_size: int | None = None):
+    def __init__(self, model, pad_token_id: int, max_batch_size: int | None = None, autocast=contextlib.nullcontext):
+        """autocast: a context manager factory generation runs under (the trainer's mixed precision)."""
         self.model = model
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
+        self.autocast = autocast
 
     def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
         # Always greedy over the processors' scores (see the module docstring): the checkpoint's sampling
@@ -108,9 +112,10 @@ class TransformersEngine(SamplingEngine):
         self.model.eval()
         completions = []
         try:
-            for start in range(0, len(prompts), batch_size):
-                batch_seeds = None if seeds is None else seeds[start : start + batch_size]
-                completions += self._generate_batch(prompts[start : start + batch_size], batch_seeds, settings)
+            with self.autocast():
+                for start in range(0, len(prompts), batch_size):
+                    batch_seeds = None if seeds is None else seeds[start : start + batch_size]
+                    completions += self._generate_batch(prompts[start : start + batch_size], batch_seeds, settings)
         finally:
             self.model.train(was_training)
         return [cut_at_stop(completion, settings.stop_token_ids) for completion in completions]
