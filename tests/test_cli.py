@@ -164,11 +164,13 @@ def test_lora_saves_a_merged_plain_model(tmp_path, tiny):
 
 def test_on_policy_steps_do_not_depend_on_how_the_batch_is_split(tmp_path, tiny):
     """--lmbda 0.5, so steps hold student samples: 1 process x batch 4, 1 x batch 2 x accumulation 2,
-    torchrun with 2 CPU processes (gloo) x batch 2, and 2 processes x batch 1 x accumulation 2 draw the same
-    sources and the same student completions for the same global samples, and end on the same weights."""
+    2 CPU processes (gloo) x batch 2, and 2 processes x batch 1 x accumulation 2 draw the same sources and
+    the same student completions for the same global samples, and end on the same weights. The two-process
+    runs start once as ms-swift users do (NPROC_PER_NODE=2 in front of the command), once under torchrun."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
                 "-m", "gkd.cli.train"]
     single = [sys.executable, "-m", "gkd.cli.train"]
+    like_swift = ["env", "NPROC_PER_NODE=2", "MASTER_PORT=29562", *single]
     # Plain SGD: Adam's normalisation would turn float rounding in near-zero gradients into visible steps.
     common = ["--max_steps", 3, "--seed", 3, "--optim", "sgd", "--learning_rate", "0.5", "--lmbda", 0.5,
               "--lr_scheduler_type", "constant", "--save_strategy", "no", "--temperature", 1.0]
@@ -185,7 +187,7 @@ def test_on_policy_steps_do_not_depend_on_how_the_batch_is_split(tmp_path, tiny)
     reference, reference_counts = run(single, "one-4x1", 4, 1)
     assert all(student + dataset == 4 for student, dataset, _ in reference_counts)
     assert sum(student for student, _, _ in reference_counts) >= 3  # the steps do generate
-    for prefix, name, batch_size, accumulation in ((single, "one-2x2", 2, 2), (torchrun, "two-2x1", 2, 1),
+    for prefix, name, batch_size, accumulation in ((single, "one-2x2", 2, 2), (like_swift, "two-2x1", 2, 1),
                                                     (torchrun, "two-1x2", 1, 2)):
         weights, counts = run(prefix, name, batch_size, accumulation)
         assert counts == reference_counts, name  # same sources, same completion lengths

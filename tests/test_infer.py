@@ -114,7 +114,7 @@ def test_two_processes_write_the_same_row_set_as_one(tmp_path, tiny):
     spec = f"{tiny / 'data' / 'train.jsonl'}#10"
     single, double = tmp_path / "single.jsonl", tmp_path / "double.jsonl"
     assert gkd_infer(*base_flags(tiny, single, spec)).returncode == 0
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    launcher = ["env", "NPROC_PER_NODE=2", "MASTER_PORT=29517", sys.executable]  # as ms-swift users start it
     run = gkd_infer(*base_flags(tiny, double, spec), launcher=launcher)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("gkd-infer: 10 rows") == 1  # only the main process reports

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from gkd.config import InferArguments, VLLMEngineArguments, parse_infer_config
 from gkd.data import DatasetSpec, check_chat_template, read_rows, row_to_messages, split_prompt_completion, tokenize_messages
 from gkd.errors import GKDUserError
+from gkd.launch import run_under_torchrun_if_asked
 from gkd.models import DTYPES, generation_config, load_model, load_tokenizer, pad_token_id, stop_token_ids
 from gkd.result_file import KEY_FIELD, ResultFile, check_result_path
 
@@ -168,6 +169,7 @@ def infer(args: InferArguments, engine_args: VLLMEngineArguments) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    run_under_torchrun_if_asked("gkd.cli.infer", argv, "gkd-infer")
     try:
         infer(*parse_infer_config(argv))
     except GKDUserError as error:

@@ -11,6 +11,7 @@ from transformers import set_seed
 from gkd.config import GKDConfig, parse_config
 from gkd.data import check_chat_template, load_examples
 from gkd.errors import GKDUserError
+from gkd.launch import run_under_torchrun_if_asked
 from gkd.models import (
     apply_lora, check_vocabularies, generation_config, load_model, load_tokenizer, resolve_dtypes, stop_token_ids,
     tokenizer_fingerprint,
@@ -119,6 +120,7 @@ def train(config: GKDConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    run_under_torchrun_if_asked("gkd.cli.train", argv, "gkd-train")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
 

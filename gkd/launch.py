@@ -1,0 +1,51 @@
+"""`NPROC_PER_NODE=4 gkd-train ...` starts its processes itself, as ms-swift's `swift rlhf` does.
+
+ms-swift users launch multi-process runs by setting NPROC_PER_NODE (and NNODES, NODE_RANK, MASTER_ADDR,
+MASTER_PORT for several machines) in front of the command; it then runs itself under torchrun. gkd-train
+and gkd-infer do the same, so those habits carry over. A process that torchrun (or accelerate) started
+already has LOCAL_RANK set and runs as it is.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+
+from gkd.errors import GKDUserError
+
+# Environment variable -> torchrun flag, in ms-swift's order.
+TORCHRUN_VARIABLES = (("NPROC_PER_NODE", "--nproc_per_node"), ("MASTER_PORT", "--master_port"),
+                      ("NNODES", "--nnodes"), ("NODE_RANK", "--node_rank"), ("MASTER_ADDR", "--master_addr"))
+INTEGER_VARIABLES = {"NPROC_PER_NODE": 1, "MASTER_PORT": 1, "NNODES": 1, "NODE_RANK": 0}  # name -> smallest
+
+
+def torchrun_command(module: str, argv: list[str]) -> list[str] | None:
+    """The torchrun command that runs `module` with argv in several processes, or None when this process
+    should run as it is (no NPROC_PER_NODE / NNODES, or already started by a launcher)."""
+    if "LOCAL_RANK" in os.environ or not (os.environ.get("NPROC_PER_NODE") or os.environ.get("NNODES")):
+        return None
+    flags = []
+    for variable, flag in TORCHRUN_VARIABLES:
+        value = os.environ.get(variable)
+        if not value:
+            continue
+        if variable in INTEGER_VARIABLES and not (value.isdigit() and int(value) >= INTEGER_VARIABLES[variable]):
+            raise GKDUserError(f"{variable}={value}: must be an integer >= {INTEGER_VARIABLES[variable]}")
+        flags += [flag, value]
+    return [sys.executable, "-m", "torch.distributed.run", *flags, "-m", module, *argv]
+
+
+def run_under_torchrun_if_asked(module: str, argv: list[str] | None, program: str) -> None:
+    """Re-run this command under torchrun when NPROC_PER_NODE or NNODES asks for it; exit with its code."""
+    try:
+        command = torchrun_command(module, sys.argv[1:] if argv is None else list(argv))
+    except GKDUserError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if command is None:
+        return
+    print(f"{program}: running {shlex.join(command)}", file=sys.stderr)
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its processes
+        sys.exit(130)

@@ -1,0 +1,39 @@
+"""NPROC_PER_NODE and friends start torchrun as ms-swift does (the end-to-end runs are in test_cli.py and
+test_infer.py)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gkd.errors import GKDUserError
+from gkd.launch import torchrun_command
+
+
+def test_swift_variables_become_torchrun_flags_in_order(monkeypatch):
+    for name, value in {"MASTER_ADDR": "10.0.0.1", "NODE_RANK": "1", "NNODES": "2", "MASTER_PORT": "29555",
+                        "NPROC_PER_NODE": "4"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert torchrun_command("gkd.cli.train", ["--lmbda", "1"]) == [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", "29555",
+        "--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1", "-m", "gkd.cli.train", "--lmbda", "1"]
+
+
+def test_no_variables_or_a_started_process_runs_as_it_is(monkeypatch):
+    for name in ("NPROC_PER_NODE", "NNODES", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert torchrun_command("gkd.cli.train", []) is None
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun's child: must not start torchrun again
+    assert torchrun_command("gkd.cli.train", []) is None
+
+
+def test_a_bad_value_is_one_line(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("NPROC_PER_NODE", "four")
+    with pytest.raises(GKDUserError, match="NPROC_PER_NODE=four: must be an integer >= 1"):
+        torchrun_command("gkd.cli.train", [])
+    result = subprocess.run([sys.executable, "-m", "gkd.cli.train", "--help"], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "NPROC_PER_NODE": "0"}, timeout=120)
+    assert result.returncode == 2 and result.stderr == "gkd-train: error: NPROC_PER_NODE=0: must be an integer >= 1\n"
