@@ -115,7 +115,8 @@ class GKDArguments:
         default=None,
         metadata={
             "help": "How the loss is computed: fused with the LM heads (never full logits), chunked over "
-            "positions, or exact. Default: fused where both models have a plain linear LM head, else chunked."
+            "positions, or exact. Default: fused where both models' logits are their LM head applied to their "
+            "final hidden state (checked by running them at start), else chunked."
         },
     )
     loss_chunk_size: int | None = field(
