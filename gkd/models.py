@@ -37,10 +37,15 @@ def generation_config(name: str, trust_remote_code: bool):
         return None
 
 
+def attn_implementation(attn_impl: str | None) -> str | None:
+    """ms-swift's --attn_impl names to transformers': flash_attn is flash_attention_2; others pass through."""
+    return "flash_attention_2" if attn_impl == "flash_attn" else attn_impl
+
+
 def load_model(name: str, dtype, attn_impl: str | None, trust_remote_code: bool, flag: str):
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_impl:
-        kwargs["attn_implementation"] = attn_impl
+        kwargs["attn_implementation"] = attn_implementation(attn_impl)
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except Exception as error:

@@ -126,7 +126,23 @@ def bad_runs(tiny, tmp_path):
         "beta out of range": (["--beta", 1.5], "--beta 1.5: must be in [0, 1]"),
         "unknown yaml key": (["--config", tmp_path / "unknown.yaml"], "unknown.yaml:1: unknown key 'lmbdaa'"),
         "bad choice": (["--tuner_type", "qlora"], "invalid choice: 'qlora'"),
+        "warmup ratio and steps": (["--warmup_ratio", 0.05, "--warmup_steps", 2], "not together with --warmup_steps"),
+        "report_to unknown": (["--report_to", "tensorboard", "nosuch"], "--report_to nosuch: not an integration"),
     }
+
+
+def test_ms_swift_spellings_run_with_their_meaning(tmp_path, tiny):
+    """--warmup_ratio as ms-swift (ceil(ratio x steps) warmup steps), --attn_impl sdpa, --report_to,
+    --train_type and --top_k -1 (off)."""
+    out = tmp_path / "out"
+    result = gkd_train(*base_flags(tiny, out), "--max_steps", 3, "--lmbda", 0.5, "--warmup_ratio", 0.5,
+                       "--lr_scheduler_type", "linear", "--attn_impl", "sdpa", "--report_to", "tensorboard",
+                       "--train_type", "full", "--top_k", -1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rates = [entry["learning_rate"] for entry in log_history(out / "checkpoint-3") if "loss" in entry]
+    # ceil(0.5 x 3) = 2 warmup steps, then linear decay: step k (from 1) runs at 1e-3 x (k-1)/2 while k-1 < 2,
+    # then at 1e-3 x (3-(k-1))/(3-2). (int(0.5 x 3) = 1 warmup step would give 0, 1e-3, 5e-4.)
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3])
 
 
 def test_bad_inputs_give_one_line_and_leave_nothing(tmp_path, tiny):

@@ -57,7 +57,13 @@ def test_yaml_config_and_command_line_override(tmp_path):
         (["--temperature", "0"], "--temperature 0.0: must be in (0, inf]"),
         (["--loss_temperature", "-1"], "--loss_temperature -1.0: must be in (0, inf]"),
         (["--top_p", "0"], "--top_p 0.0: must be in (0, 1]"),
-        (["--top_k", "0"], "--top_k 0: must be in [1, inf]"),
+        (["--top_k", "-2"], "--top_k -2: must be >= 1, or -1 or 0 for off"),
+        (["--warmup_ratio", "1"], "--warmup_ratio 1.0: must be in [0, 1)"),
+        (["--warmup_ratio", "-0.1"], "--warmup_ratio -0.1: must be in [0, 1)"),
+        (["--warmup_ratio", "0.1", "--warmup_steps", "5"], "--warmup_ratio 0.1: not together with --warmup_steps"),
+        (["--train_type", "lora", "--tuner_type", "full"], "--train_type lora: the older name of --tuner_type"),
+        (["--train_type", "qlora"], "invalid choice: 'qlora'"),
+        (["--report_to", "tensorboard", "nosuchtracker"], "--report_to nosuchtracker: not an integration"),
         (["--max_completion_length", "0"], "--max_completion_length 0: must be in [1, inf]"),
         (["--sft_alpha", "-1"], "--sft_alpha -1.0: must be in [0, inf]"),
         (["--rlhf_type", "dpo"], "--rlhf_type dpo: gkd-train only does 'gkd'"),
@@ -172,3 +178,54 @@ def test_zero3_from_an_accelerate_config_is_refused_too(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(GKDUserError, match="ZeRO-3 is not supported by gkd-train yet"):
         parse(tmp_path)
+
+
+def test_warmup_ratio_is_ms_swifts_share_of_the_steps(tmp_path):
+    training = parse(tmp_path, "--warmup_ratio", "0.05").training
+    # ms-swift hands the ratio to transformers as a float warmup_steps, which reads one below 1 as a ratio.
+    assert training.warmup_steps == 0.05 and training.get_warmup_steps(100) == 5
+    assert parse(tmp_path, "--warmup_ratio", "0.3").training.get_warmup_steps(4) == 2  # ceil(1.2)
+    assert parse(tmp_path).training.get_warmup_steps(100) == 0
+
+
+def test_attn_impl_takes_ms_swift_names():
+    from gkd.models import attn_implementation
+
+    assert attn_implementation("flash_attn") == "flash_attention_2"
+    assert attn_implementation("flash_attention_2") == "flash_attention_2"
+    for name in ("sdpa", "eager", "flex_attention", "flash_attention_3", None):
+        assert attn_implementation(name) == name
+
+
+def test_report_to_takes_several_integrations(tmp_path, monkeypatch):
+    assert parse(tmp_path).training.report_to == []
+    assert parse(tmp_path, "--report_to", "none").training.report_to == []
+    import transformers.integrations.integration_utils as integrations
+
+    # Only tensorboard may be installed here: pretend swanlab is, to parse the two-name list of ms-swift's examples.
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: ["tensorboard", "swanlab"])
+    assert parse(tmp_path, "--report_to", "tensorboard", "swanlab").training.report_to == ["tensorboard", "swanlab"]
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    with pytest.raises(GKDUserError, match=r"^--report_to swanlab: its Python package is not installed"):
+        parse(tmp_path, "--report_to", "tensorboard", "swanlab")
+
+
+def test_train_type_is_the_older_name_of_tuner_type(tmp_path):
+    assert parse(tmp_path, "--train_type", "lora").tuner.tuner_type == "lora"
+    assert parse(tmp_path, "--train_type", "lora", "--tuner_type", "lora").tuner.tuner_type == "lora"
+    assert parse(tmp_path, "--train_type", "full").tuner.tuner_type == "full"
+
+
+@pytest.mark.parametrize("value, expected", [("-1", None), ("0", None), ("5", 5)])
+def test_top_k_minus_one_or_zero_is_off(tmp_path, value, expected):
+    from gkd.config_tools import parse_infer_config
+    from gkd.sampling.base import SamplingSettings
+
+    assert parse(tmp_path).gkd.top_k == -1  # ms-swift's default: off
+    top_k = parse(tmp_path, "--top_k", value).gkd.top_k
+    assert SamplingSettings(max_new_tokens=4, top_k=top_k).top_k == expected
+    args, _ = parse_infer_config(["--model", "m", "--val_dataset", "d.jsonl", "--result_path",
+                                  str(tmp_path / "r.jsonl"), "--top_k", value])
+    assert args.top_k == expected
+    with pytest.raises(GKDUserError, match="--top_k -3: must be >= 1, or -1 or 0 for off"):
+        parse_infer_config(["--model", "m", "--val_dataset", "d.jsonl", "--result_path", "r.jsonl", "--top_k", "-3"])

@@ -32,6 +32,10 @@ class SamplingSettings:
     # the end of a smaller model's embedding. None: every row of the model's output layer.
     vocab_size: int | None = None
 
+    def __post_init__(self):
+        if self.top_k is not None and self.top_k <= 0:  # -1 and 0 mean off, as in ms-swift and vLLM
+            object.__setattr__(self, "top_k", None)
+
 
 class SamplingEngine(abc.ABC):
     # True when every process must call generate and sync_weights together, even with no prompts of its
