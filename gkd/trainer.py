@@ -89,10 +89,10 @@ class GKDTrainer(Trainer):
         self.loss_impl = choose_loss_impl(gkd_args.loss_impl, gkd_args.gkd_logits_topk, model, self.teacher,
                                           compared_vocab_size, replicas=max(self.args.n_gpu, 1))
         # Small chunks suit a CPU's caches; a GPU wants larger ones, or kernel launches dominate.
-        self.loss_chunk_size = gkd_args.loss_chunk_size or (256 if self.args.device.type == "cuda" else None)
+        chunk_size = gkd_args.loss_chunk_size or (256 if self.args.device.type == "cuda" else None)
         self.gkd_loss = make_loss(self.loss_impl, LossSettings(
             beta=gkd_args.beta, temperature=gkd_args.loss_temperature, vocab_size=compared_vocab_size,
-            chunk_size=self.loss_chunk_size, topk=gkd_args.gkd_logits_topk, topk_tail=gkd_args.gkd_logits_topk_tail,
+            chunk_size=chunk_size, topk=gkd_args.gkd_logits_topk, topk_tail=gkd_args.gkd_logits_topk_tail,
             sft_alpha=gkd_args.sft_alpha,
         ))
         # The student samples in the training precision: under --bf16 its float32 master weights run through
@@ -136,7 +136,7 @@ class GKDTrainer(Trainer):
         global sample index) alone, so splitting the step differently (processes, accumulation) or resuming
         leaves them unchanged. Each engine is called once for the whole step."""
         rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
-        sources, needed_anywhere = [], set()
+        sources, own_indices, needed_anywhere = [], [], set()
         for micro_batch_index, batch in enumerate(batch_samples):
             rows = len(batch["prompt_ids"])
             for process in range(world_size):
@@ -146,6 +146,7 @@ class GKDTrainer(Trainer):
                 needed_anywhere.update(process_sources)
                 if process == rank:
                     sources.append(process_sources)
+                    own_indices.append(indices)
             batch["completion_ids"] = list(batch["completion_ids"])
 
         started = time.perf_counter()
@@ -160,9 +161,7 @@ class GKDTrainer(Trainer):
                 engine.sync_weights(self.accelerator.unwrap_model(self.model))
                 self._weights_synced_at_step = global_step
             prompts = [batch_samples[m]["prompt_ids"][row] for m, row in chosen]
-            seeds = [derive_seed(self.args.seed, "sample", global_step,
-                                 self._global_sample_indices(m, rank, len(batch_samples[m]["prompt_ids"]))[row])
-                     for m, row in chosen]
+            seeds = [derive_seed(self.args.seed, "sample", global_step, own_indices[m][row]) for m, row in chosen]
             if source == "teacher" and self.teacher_offload is not None:
                 self.teacher_offload.load()  # after the student's engine has released its memory (idle)
             generated = engine.generate(prompts, settings, seeds)
@@ -191,9 +190,8 @@ class GKDTrainer(Trainer):
         if self._metrics_since_step is None:
             self._metrics_since, self._metrics_since_step = time.perf_counter(), global_step
         sources = self._complete_step(batch_samples, global_step)
-        if self.teacher_offload is not None:
-            self.teacher_offload.load()  # for the step's forwards (if its generation did not bring it); back
-            # before the optimizer runs
+        if self.teacher_offload is not None:  # for the step's forwards, if no teacher generation brought it
+            self.teacher_offload.load()  # (it goes back before the optimizer runs)
         batch_samples = [self._batch_tensors(batch, batch_sources)
                          for batch, batch_sources in zip(batch_samples, sources)]
         completion_tokens = sum(int(batch["labels"].ne(IGNORE_INDEX).sum()) for batch in batch_samples)
