@@ -241,8 +241,9 @@ class VLLMEngine(SamplingEngine):
         self._weights_lost = False
 
     def sync_weights(self, model) -> None:
-        self._last_model = model
-        self.check_loadable(name for name, _, _ in checkpoint_shapes(model))
+        if model is not self._last_model:  # a model's weight names do not change: checked at its first sync
+            self.check_loadable(name for name, _, _ in checkpoint_shapes(model))
+            self._last_model = model
         self.load_weights(checkpoint_weights(model))
 
     # ------------------------------------------------------------------ sampling
