@@ -15,14 +15,84 @@ def parse(tmp_path, *flags):
     return parse_config([*REQUIRED, "--output_dir", str(tmp_path / "out"), *flags])
 
 
-def test_defaults_follow_ms_swift(tmp_path):
-    config = parse(tmp_path)
-    assert (config.gkd.beta, config.gkd.lmbda, config.gkd.seq_kd) == (0.5, 0.5, False)
-    assert (config.gkd.temperature, config.gkd.loss_temperature, config.gkd.sft_alpha) == (0.9, 1.0, 0.0)
-    assert config.gkd.max_completion_length == 512
-    assert config.data.truncation_strategy == "delete"
-    assert config.tuner.tuner_type == "full"
-    assert config.model.trust_remote_code is False
+# Every default gkd-train takes when a flag is unset, and the ms-swift 4.6 file it was read from
+# (commit 3602360; docs/ms-swift-gkd-reference.md has the lines). (section, attribute, value, source)
+MS_SWIFT_DEFAULTS = [
+    ("gkd", "beta", 0.5, "swift/arguments/rlhf_args.py (_set_default: 0.5 for gkd)"),
+    ("gkd", "lmbda", 0.5, "swift/arguments/rlhf_args.py"),
+    ("gkd", "seq_kd", False, "swift/arguments/rlhf_args.py"),
+    ("gkd", "temperature", 0.9, "swift/arguments/rlhf_args.py"),
+    ("gkd", "loss_temperature", 0.9, "swift/rlhf_trainers/gkd_loss.py (logits / temperature)"),
+    ("gkd", "sft_alpha", 0.0, "swift/arguments/rlhf_args.py"),
+    ("gkd", "max_completion_length", 512, "swift/arguments/rlhf_args.py"),
+    ("gkd", "top_k", -1, "swift/rlhf_trainers/args_mixin.py"),
+    ("gkd", "gkd_logits_topk", None, "swift/arguments/rlhf_args.py"),
+    ("gkd", "offload_teacher_model", False, "swift/arguments/rlhf_args.py"),
+    ("gkd", "log_completions", False, "swift/rlhf_trainers/arguments.py (GKDConfig)"),
+    ("gkd", "add_version", True, "swift/arguments/sft_args.py"),
+    ("gkd", "teacher_tag_key", "dataset", "swift/rlhf_trainers/args_mixin.py"),
+    ("data", "truncation_strategy", "delete", "swift/arguments/base_args/template_args.py"),
+    ("data", "max_length", None, "swift/arguments/base_args/template_args.py"),
+    ("data", "loss_scale", "last_round", "swift/arguments/rlhf_args.py (gkd without multi_turn_scheduler)"),
+    ("data", "dataset_num_proc", 1, "swift/arguments/base_args/data_args.py"),
+    ("data", "load_from_cache_file", False, "swift/arguments/base_args/data_args.py"),
+    ("data", "split_dataset_ratio", 0.0, "swift/arguments/base_args/data_args.py"),
+    ("data", "padding_free", False, "swift/arguments/base_args/template_args.py"),
+    ("data", "packing", False, "swift/arguments/base_args/base_args.py"),
+    ("data", "enable_thinking", None, "swift/arguments/base_args/template_args.py"),
+    ("tuner", "tuner_type", "full", "gkd: full (ms-swift's base_args.py says lora; see the README)"),
+    ("tuner", "freeze_vit", True, "swift/arguments/tuner_args.py"),
+    ("tuner", "freeze_aligner", True, "swift/arguments/tuner_args.py"),
+    ("tuner", "freeze_llm", False, "swift/arguments/tuner_args.py"),
+    ("model", "use_hf", None, "swift/arguments/base_args/base_args.py (False, or USE_HF=1)"),
+    ("model", "trust_remote_code", False, "gkd: off unless asked"),
+    ("training", "learning_rate", 1e-5, "swift/arguments/sft_args.py (full: 1e-5, lora: 1e-4)"),
+    ("training", "per_device_train_batch_size", 1, "swift/trainers/arguments.py"),
+    ("training", "per_device_eval_batch_size", 1, "swift/trainers/arguments.py"),
+    ("training", "gradient_accumulation_steps", 16, "swift/trainers/arguments.py (ceil(16 / batch / world))"),
+    ("training", "activation_checkpointing", True, "swift/trainers/arguments.py (gradient_checkpointing)"),
+    ("training", "logging_first_step", True, "swift/trainers/arguments.py"),
+    ("training", "logging_steps", 5, "swift/trainers/arguments.py"),
+    ("training", "weight_decay", 0.1, "swift/trainers/arguments.py"),
+    ("training", "adam_beta2", 0.95, "swift/trainers/arguments.py"),
+    ("training", "lr_scheduler_type", "cosine", "swift/trainers/arguments.py"),
+    ("training", "report_to", ["tensorboard"], "swift/trainers/arguments.py"),
+    ("training", "dataloader_num_workers", 1, "swift/trainers/arguments.py (0 on Windows)"),
+    ("training", "eval_strategy", "no", "swift/arguments/sft_args.py (no validation data)"),
+    ("training", "warmup_ratio", 0.0, "swift/trainers/arguments.py"),
+    ("training", "ddp_timeout", 18000000, "swift/arguments/base_args/base_args.py"),
+    ("training", "seed", 42, "swift/arguments/base_args/base_args.py"),
+    ("training", "save_steps", 500, "transformers (ms-swift keeps it)"),
+    ("training", "num_train_epochs", 3, "transformers (ms-swift keeps it)"),
+    ("training", "max_grad_norm", 1.0, "transformers (ms-swift keeps it)"),
+    ("training", "save_total_limit", None, "transformers (ms-swift keeps it)"),
+]
+
+
+@pytest.mark.parametrize("section, name, value, source", MS_SWIFT_DEFAULTS,
+                         ids=[f"{row[0]}.{row[1]}" for row in MS_SWIFT_DEFAULTS])
+def test_defaults_follow_ms_swift(tmp_path, section, name, value, source, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = parse_config(REQUIRED)  # nothing else set
+    actual = getattr(getattr(config, section), name)
+    assert (actual.value if hasattr(actual, "value") else actual) == value, source
+
+
+def test_defaults_that_follow_other_flags(tmp_path, monkeypatch):
+    """ms-swift: lora's learning rate is 1e-4; accumulation = ceil(16 / batch / world size); evaluation
+    every --save_steps when there is validation data; runs under output/<model name>."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = parse_config(["--model", "Qwen/Qwen2.5-7B", "--teacher_model", "t", "--dataset", "d.jsonl",
+                           "--tuner_type", "lora", "--per_device_train_batch_size", "3",
+                           "--split_dataset_ratio", "0.01", "--save_steps", "50"])
+    training = config.training
+    assert training.learning_rate == 1e-4
+    assert training.gradient_accumulation_steps == 3  # ceil(16 / 3 / 2)
+    assert (training.eval_strategy.value, training.eval_steps) == ("steps", 50)
+    assert training.output_dir.endswith("/output/Qwen2.5-7B")
+    assert parse(tmp_path, "--temperature", "1.2").gkd.loss_temperature == 1.2
+    assert parse(tmp_path, "--temperature", "1.2", "--loss_temperature", "1").gkd.loss_temperature == 1.0
+    assert parse(tmp_path, "--learning_rate", "3e-5", "--tuner_type", "lora").training.learning_rate == 3e-5
 
 
 def test_swift_spellings_parse(tmp_path):
@@ -73,7 +143,7 @@ def test_yaml_config_and_command_line_override(tmp_path):
         (["--lmbda", "1", "--sft_alpha", "0.5"], "--sft_alpha 0.5 has no effect with --lmbda 1"),
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "no such checkpoint folder"),
         (["--fsdp", "full_shard"], "FSDP: not supported by gkd-train yet"),
-        (["--deepspeed", "zero5"], "--deepspeed zero5: neither one of zero0, zero2 nor a JSON file"),
+        (["--deepspeed", "zero5"], "--deepspeed zero5: neither one of zero0, zero1, zero2, zero2_offload, zero3, zero3_offload nor a JSON file"),
         (["--use_vllm", "true", "--vllm_mode", "server", "--sleep_level", "3"], "--sleep_level 3: must be in [0, 2]"),
         (["--use_vllm", "true", "--vllm_mode", "server", "--sleep_level", "1"], "only for --vllm_mode colocate"),
         (["--use_vllm", "true", "--vllm_mode", "server", "--vllm_gpu_memory_utilization", "1.5"],
@@ -103,13 +173,14 @@ def test_required_flags(tmp_path, missing):
         parse_config([*flags, "--output_dir", str(tmp_path / "o")])
 
 
-def test_non_empty_output_dir_needs_resume_or_overwrite(tmp_path):
+def test_non_empty_output_dir_needs_resume_or_overwrite_without_versions(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
+    assert parse(tmp_path).gkd.add_version  # the default: the run goes into a new out/vN-... folder
     with pytest.raises(GKDUserError, match="not empty"):
-        parse(tmp_path)
-    assert parse(tmp_path, "--overwrite_output_dir", "true").gkd.overwrite_output_dir
+        parse(tmp_path, "--add_version", "false")
+    assert parse(tmp_path, "--add_version", "false", "--overwrite_output_dir", "true").gkd.overwrite_output_dir
 
 
 def test_yaml_errors_name_file_and_line(tmp_path):
@@ -198,7 +269,7 @@ def test_attn_impl_takes_ms_swift_names():
 
 
 def test_report_to_takes_several_integrations(tmp_path, monkeypatch):
-    assert parse(tmp_path).training.report_to == []
+    assert parse(tmp_path).training.report_to == ["tensorboard"]  # ms-swift's default
     assert parse(tmp_path, "--report_to", "none").training.report_to == []
     import transformers.integrations.integration_utils as integrations
 
@@ -218,7 +289,7 @@ def test_train_type_is_the_older_name_of_tuner_type(tmp_path):
 
 @pytest.mark.parametrize("value, expected", [("-1", None), ("0", None), ("5", 5)])
 def test_top_k_minus_one_or_zero_is_off(tmp_path, value, expected):
-    from gkd.config_tools import parse_infer_config
+    from gkd.config.tools import parse_infer_config
     from gkd.sampling.base import SamplingSettings
 
     assert parse(tmp_path).gkd.top_k == -1  # ms-swift's default: off
@@ -229,3 +300,39 @@ def test_top_k_minus_one_or_zero_is_off(tmp_path, value, expected):
     assert args.top_k == expected
     with pytest.raises(GKDUserError, match="--top_k -3: must be >= 1, or -1 or 0 for off"):
         parse_infer_config(["--model", "m", "--val_dataset", "d.jsonl", "--result_path", "r.jsonl", "--top_k", "-3"])
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--teacher_model_server", "http://localhost:8000", "--gkd_logits_topk", "64"],
+     "--teacher_model_server http://localhost:8000: a served teacher is not supported by gkd-train yet"),
+    (["--teacher_deepspeed", "zero3_offload"], "--teacher_deepspeed zero3_offload: a sharded teacher is not supported"),
+    (["--external_plugins", "examples/train/rlhf/opsd/opsd_plugin.py"],
+     "--external_plugins examples/train/rlhf/opsd/opsd_plugin.py: ms-swift plugins register ms-swift classes"),
+    (["--multi_turn_scheduler", "math_tip_trick", "--max_turns", "2"],
+     "--multi_turn_scheduler math_tip_trick: multi-turn rollouts are not supported by gkd-train yet"),
+    (["--max_turns", "2"], "--max_turns 2: multi-turn rollouts are not supported by gkd-train yet"),
+    (["--loss_scale", "all"], "--loss_scale all: gkd supports last_round and default"),
+])
+def test_capabilities_gkd_lacks_parse_then_stop_in_one_line(tmp_path, flags, expected):
+    """ms-swift flags of capabilities gkd does not have parse, and stop the run before anything loads,
+    ahead of every other check (here --report_to swanlab, which is not installed, comes after)."""
+    with pytest.raises(GKDUserError) as error:
+        parse(tmp_path, *flags, "--report_to", "tensorboard", "swanlab")
+    assert str(error.value).startswith(expected)
+
+
+def test_no_teacher_is_self_distillation_which_gkd_lacks(tmp_path):
+    with pytest.raises(GKDUserError, match="^--teacher_model is required: self-distillation"):
+        parse_config(["--model", "s", "--dataset", "d.jsonl"])
+
+
+def test_ms_swift_deepspeed_names_ship_with_ms_swift_contents():
+    from gkd.config import deepspeed_config_path
+
+    stages = {name: json.load(open(deepspeed_config_path(name)))["zero_optimization"]
+              for name in ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")}
+    assert {name: zero["stage"] for name, zero in stages.items()} == {
+        "zero0": 0, "zero1": 1, "zero2": 2, "zero2_offload": 2, "zero3": 3, "zero3_offload": 3}
+    assert stages["zero2_offload"]["offload_optimizer"]["device"] == "cpu"
+    assert stages["zero3_offload"]["offload_param"]["device"] == "cpu"
+    assert stages["zero3"]["offload_param"]["device"] == "none"

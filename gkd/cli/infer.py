@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from gkd.config import VLLMEngineArguments
-from gkd.config_tools import InferArguments, parse_infer_config
+from gkd.config.tools import InferArguments, parse_infer_config
 from gkd.data import DatasetSpec, check_chat_template, read_rows, row_to_messages, split_prompt_completion, tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.launch import run_under_torchrun_if_asked

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import torch
 
-from gkd.config_tools import parse_rollout_config
+from gkd.config.tools import parse_rollout_config
 from gkd.errors import GKDUserError
 from gkd.models import load_tokenizer, tokenizer_fingerprint
 from gkd.sampling.base import SamplingSettings

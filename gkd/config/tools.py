@@ -4,8 +4,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gkd.config import (VLLMEngineArguments, build_parser, check_top_k, check_vllm_engine_arguments, in_range,
-                        parse_dataclasses, raise_first_problem)
+from gkd.config.arguments import VLLMEngineArguments
+from gkd.config.checks import check_top_k, check_vllm_engine_arguments, in_range, raise_first_problem
+from gkd.config.parsing import build_parser, parse_dataclasses
 
 
 # ----------------------------------------------------------------------------- gkd-infer
