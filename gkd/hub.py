@@ -30,15 +30,17 @@ HUGGING_FACE = "the Hugging Face Hub"
 def use_hf_hub(use_hf: bool | None) -> bool:
     """Whether ids go to the Hugging Face Hub: the --use_hf flag when given, else env USE_HF (default '0').
 
-    When on, USE_HF=1 is exported as ms-swift does, so child processes and libraries that read it agree.
+    When on, USE_HF=1 is exported as ms-swift does, so child processes and later `use_hf_hub(None)` calls
+    agree. An explicit `--use_hf false` also wins over USE_HF=1 and exports USE_HF=0 (in ms-swift, whose
+    flag defaults to False and cannot say "not given", USE_HF=1 wins over it).
     """
     if use_hf is None:
         text = os.environ.get("USE_HF", "0").strip().lower()
         if text not in TRUE_WORDS + FALSE_WORDS:
             raise GKDUserError(f"USE_HF={os.environ['USE_HF']}: expected 1/0, true/false, yes/no or on/off")
         use_hf = text in TRUE_WORDS
-    if use_hf:
-        os.environ["USE_HF"] = "1"
+    if use_hf or "USE_HF" in os.environ:
+        os.environ["USE_HF"] = "1" if use_hf else "0"
     return use_hf
 
 

@@ -1,6 +1,5 @@
 """gkd.hub: which hub an id goes to, through stand-ins for the client libraries (no hub is reachable here)."""
 
-import os
 import sys
 import types
 
@@ -64,8 +63,7 @@ def test_use_hf_flag_wins_over_env(monkeypatch, flag, env, expected):
     if env is not None:
         monkeypatch.setenv("USE_HF", env)
     assert use_hf_hub(flag) is expected
-    if expected:  # exported like ms-swift, for child processes
-        assert os.environ["USE_HF"] == "1"
+    assert use_hf_hub(None) is expected  # the decision is exported, for later calls and child processes
 
 
 def test_bad_use_hf_env_is_one_line(monkeypatch):
