@@ -1,4 +1,5 @@
-"""Data: read datasets, normalise every row to chat messages, tokenize into prompt and completion ids.
+"""Data: read datasets, normalise every row to chat messages, tokenize (gkd.tokenize) into prompt and
+completion ids, split off a validation set, and build the padded batches.
 
 A row's prompt is everything before its last assistant turn, rendered with the tokenizer's chat template
 and generation prompt; its completion is that last assistant turn, ending with (and including) the first
@@ -9,15 +10,20 @@ Dataset specs use ms-swift's syntax ID_OR_PATH[:subset][#N].
 """
 
 import glob
+import itertools
 import json
 import logging
 import os
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gkd.errors import GKDUserError
+from gkd.tokenize import (  # noqa: F401  (tokenization lived here; callers import these from gkd.data)
+    check_chat_template, check_loss_scale, cut_at_stop, tokenize_messages, tokenize_records, truncate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -245,75 +251,29 @@ def split_prompt_completion(messages: list[dict]) -> tuple[list[dict], str | Non
     return messages, None
 
 
-# ----------------------------------------------------------------------------- tokenization
-
-
-def cut_at_stop(token_ids: list[int], stop_ids) -> list[int]:
-    """Keep tokens up to and including the first stop token: the stop is supervised, what follows is not."""
-    for position, token in enumerate(token_ids):
-        if token in stop_ids:
-            return token_ids[: position + 1]
-    return token_ids
-
-
-def check_chat_template(tokenizer, name: str) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise GKDUserError(
-            f"the tokenizer of {name} has no chat template; gkd renders prompts with it. Use a chat model's "
-            "tokenizer, or add a 'chat_template' to its tokenizer_config.json"
-        )
-
-
-def tokenize_messages(tokenizer, prompt_messages, completion, stop_ids) -> tuple[list[int], list[int] | None]:
-    """Prompt ids (chat template + generation prompt) and completion ids (cut after the first stop)."""
-    prompt_text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if completion is None:
-        return prompt_ids, None
-    full_text = tokenizer.apply_chat_template(
-        prompt_messages + [{"role": "assistant", "content": completion}], tokenize=False
-    )
-    # The template's own rendering of the assistant turn carries its end-of-turn token; templates that
-    # rewrite earlier turns (e.g. drop reasoning) break the prefix, and then the plain content is used.
-    completion_text = full_text[len(prompt_text) :] if full_text.startswith(prompt_text) else completion
-    completion_ids = cut_at_stop(tokenizer(completion_text, add_special_tokens=False)["input_ids"], stop_ids)
-    if not completion_ids or completion_ids[-1] not in stop_ids:
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
-    return prompt_ids, completion_ids
-
-
-def truncate(prompt_ids, completion_ids, max_length: int | None, strategy: str, where: str):
-    """Apply --max_length to one row; returns None when the row is to be dropped."""
-    completion_length = len(completion_ids or [])
-    if max_length is None or len(prompt_ids) + completion_length <= max_length and len(prompt_ids) < max_length:
-        return prompt_ids, completion_ids
-    if strategy == "raise":
-        raise GKDUserError(
-            f"{where}: {len(prompt_ids) + completion_length} tokens exceed --max_length {max_length} "
-            "(--truncation_strategy raise)"
-        )
-    if strategy == "delete":
-        return None
-    if strategy == "left":
-        # The prompt's start goes. At least one prompt token stays (the end of the generation prompt), and a
-        # prompt-only row keeps room for one generated token.
-        if completion_ids is None:
-            return prompt_ids[-(max_length - 1) :], None
-        completion_ids = completion_ids[: max_length - 1]
-        return prompt_ids[-(max_length - len(completion_ids)) :], completion_ids
-    # right: the completion's end goes; a prompt that fills max_length alone leaves nothing to train on.
-    room = max_length - len(prompt_ids)
-    if room < 1:
-        return None
-    return prompt_ids, None if completion_ids is None else completion_ids[:room]
+# ----------------------------------------------------------------------------- examples
 
 
 def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=None,
-                  truncation_strategy="delete", need_completions=True, reason_completions_needed=""):
-    """Read, normalise and tokenize every --dataset spec into {"prompt_ids", "completion_ids"} examples."""
+                  truncation_strategy="delete", need_completions=True, reason_completions_needed="",
+                  dataset_num_proc=1, load_from_cache_file=False, enable_thinking=None, loss_scale="last_round"):
+    """Read, normalise and tokenize every --dataset spec into examples: {"prompt_ids", "completion_ids",
+    "prompt_label_spans", "dataset"}.
+
+    completion_ids is None for a prompt-only row. prompt_label_spans lists the (start, end) positions of
+    prompt_ids to supervise besides the completion: the earlier assistant turns under loss_scale 'default'
+    (ms-swift: every assistant turn), none under 'last_round' (ms-swift's GKD default: the last turn only).
+    dataset is the spec's source (ms-swift's `dataset` column); split_train_val splits each one apart.
+    max_length bounds the prompt (see gkd.tokenize.truncate). enable_thinking, when not None, is passed to
+    the chat template. dataset_num_proc: worker processes of the tokenization; load_from_cache_file: reuse
+    (and write) the tokenized rows in datasets' cache folder (gkd.tokenize.tokenize_records).
+    """
+    loss_scale = check_loss_scale(loss_scale)
     examples, dropped = [], 0
     for text in specs:
-        for where, row in read_rows(DatasetSpec.parse(text), seed):
+        spec = DatasetSpec.parse(text)
+        records = []
+        for where, row in read_rows(spec, seed):
             prompt_messages, completion = split_prompt_completion(row_to_messages(row, where, system))
             if completion is None and need_completions:
                 raise GKDUserError(
@@ -322,18 +282,52 @@ def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=N
                 )
             if not prompt_messages:
                 raise GKDUserError(f"{where}: the row has a completion but no prompt")
-            tokens = truncate(*tokenize_messages(tokenizer, prompt_messages, completion, stop_ids),
-                              max_length, truncation_strategy, where)
-            if tokens is None:
-                dropped += 1
-                continue
-            examples.append({"prompt_ids": tokens[0], "completion_ids": tokens[1]})
+            records.append((where, prompt_messages, completion))
+        tokenized = tokenize_records(
+            records, tokenizer, stop_ids=stop_ids, max_length=max_length, truncation_strategy=truncation_strategy,
+            enable_thinking=enable_thinking, loss_scale=loss_scale, system=system, num_proc=dataset_num_proc,
+            load_from_cache_file=load_from_cache_file, desc=f"tokenizing {spec.source}",
+        )
+        dropped += tokenized.count(None)
+        examples += [{**example, "dataset": spec.source} for example in tokenized if example is not None]
     if dropped:
-        logger.warning("dropped %d rows longer than --max_length %s (--truncation_strategy %s)",
-                       dropped, max_length, truncation_strategy)
+        logger.warning("dropped %d rows longer than --max_length %s (the prompt, or prompt + dataset completion; "
+                       "--truncation_strategy %s)", dropped, max_length, truncation_strategy)
     if not examples:
         raise GKDUserError(f"--dataset {' '.join(specs)}: no rows left after --max_length {max_length}")
     return examples
+
+
+def split_train_val(examples: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """ms-swift's --split_dataset_ratio: part of the training rows become the validation set.
+
+    As ms-swift's DatasetLoader.post_process (swift/dataset/dataset_meta.py) does for each --dataset entry:
+    max(int(rows x ratio), 1) rows go to validation, chosen by `Dataset.train_test_split(test_size=that,
+    shuffle=True, seed=get_seed(random_state))`, where random_state = np.random.RandomState(data_seed) is
+    shared by the entries in order and get_seed draws randint(0, int32 max). That split takes a
+    np.random.default_rng(seed) permutation of the rows: its first part is validation, the rest training
+    (in that order). Entries are the runs of equal "dataset" values (examples without one form one entry).
+    The rows are the same as ms-swift's when no row was dropped by --max_length and no #N was given
+    (ms-swift splits before drawing #N rows; gkd draws first).
+    """
+    if not 0 <= ratio < 1:
+        raise GKDUserError(f"--split_dataset_ratio {ratio}: must be in [0, 1)")
+    if ratio == 0:
+        return list(examples), []
+    random_state = np.random.RandomState(seed)
+    train, val = [], []
+    for _, group in itertools.groupby(examples, key=lambda example: example.get("dataset")):
+        group = list(group)
+        val_count = max(int(len(group) * ratio), 1)
+        if val_count >= len(group):
+            raise GKDUserError(
+                f"--split_dataset_ratio {ratio}: --dataset {group[0].get('dataset', '')} has {len(group)} "
+                f"row(s), and {val_count} for validation would leave none for training"
+            )
+        order = np.random.default_rng(random_state.randint(0, np.iinfo(np.int32).max)).permutation(len(group))
+        val += [group[index] for index in order[:val_count]]
+        train += [group[index] for index in order[val_count:]]
+    return train, val
 
 
 # ----------------------------------------------------------------------------- batches
@@ -344,12 +338,15 @@ def collate_examples(features: list[dict]) -> dict:
     return {
         "prompt_ids": [feature["prompt_ids"] for feature in features],
         "completion_ids": [feature["completion_ids"] for feature in features],
+        "prompt_label_spans": [feature.get("prompt_label_spans") or [] for feature in features],
     }
 
 
 def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int,
-                vocab_size: int | None = None) -> dict:
-    """Right-padded input_ids, attention_mask, and labels that supervise the completion tokens only.
+                vocab_size: int | None = None, prompt_label_spans: list[list[tuple[int, int]]] | None = None) -> dict:
+    """Right-padded input_ids, attention_mask, and labels that supervise the completion tokens, plus the
+    prompt positions in prompt_label_spans (per row, (start, end) pairs: --loss_scale default's earlier
+    assistant turns).
 
     Labels come from lengths, never from comparing ids with the pad id, so an EOS equal to pad stays
     supervised. With vocab_size (the tokenizer's length), an id at or past it is refused: it would index
@@ -373,4 +370,9 @@ def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pa
         input_ids[row, : len(sequence)] = sequence
         attention_mask[row, : len(sequence)] = 1
         labels[row, len(prompt) : len(sequence)] = sequence[len(prompt) :]
+        for start, end in prompt_label_spans[row] if prompt_label_spans else ():
+            if not 0 <= start < end <= len(prompt):
+                raise ValueError(f"prompt label span ({start}, {end}) of row {row} is outside its "
+                                 f"{len(prompt)} prompt tokens")
+            labels[row, start:end] = sequence[start:end]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,6 +1,7 @@
 """Data: dataset specs, every row shape to messages, tokenization and the completion mask."""
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -8,8 +9,9 @@ import torch
 
 from conftest import write_jsonl
 from gkd.data import (
-    IGNORE_INDEX, DatasetSpec, build_batch, check_chat_template, cut_at_stop, draw_rows, load_examples,
-    read_rows, row_to_messages, split_prompt_completion, tokenize_messages, truncate,
+    IGNORE_INDEX, DatasetSpec, build_batch, check_chat_template, collate_examples, cut_at_stop, draw_rows,
+    load_examples, read_rows, row_to_messages, split_prompt_completion, split_train_val, tokenize_messages,
+    truncate,
 )
 from gkd.errors import GKDUserError
 
@@ -166,9 +168,22 @@ def test_truncation_strategies():
     assert truncate(prompt, completion, 8, "delete", "w") is None
     assert truncate(prompt, completion, 8, "left", "w") == ([2, 3, 4, 5], completion)
     assert truncate(prompt, completion, 8, "right", "w") == (prompt, [10, 11])
-    assert truncate(prompt, None, 4, "left", "w") == ([3, 4, 5], None)
+    assert truncate(prompt, completion, 3, "left", "w") == ([5], [10, 11])  # one prompt token stays
+    assert truncate(prompt, completion, 6, "right", "w") is None  # no room left for the completion
     with pytest.raises(GKDUserError, match=r"w: 10 tokens exceed --max_length 8"):
         truncate(prompt, completion, 8, "raise", "w")
+
+
+def test_max_length_bounds_the_prompt_of_prompt_only_rows():
+    """ms-swift's GKD: --max_length is max_prompt_length; generation has --max_completion_length."""
+    prompt = list(range(6))
+    for strategy in ("delete", "left", "right", "raise"):
+        assert truncate(prompt, None, 6, strategy, "w") == (prompt, None)  # len(prompt) == max_length is kept
+    assert truncate(prompt, None, 5, "delete", "w") is None
+    assert truncate(prompt, None, 4, "left", "w") == ([2, 3, 4, 5], None)  # the generation prompt is at the end
+    assert truncate(prompt, None, 4, "right", "w") is None  # its start would cut the generation prompt off
+    with pytest.raises(GKDUserError, match=r"^w: the prompt's 6 tokens exceed --max_length 5 "):
+        truncate(prompt, None, 5, "raise", "w")
 
 
 def test_prompt_only_rows_need_lmbda_1_or_seq_kd(tmp_path, tokenizer):
@@ -206,3 +221,198 @@ def test_hub_ids_go_through_datasets(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(GKDUserError, match=r"^--dataset org/none: .*hub dataset failed \(Couldn't reach the Hub\)$"):
         read_rows(DatasetSpec.parse("org/none"), seed=0)
+
+
+# ----------------------------------------------------------------------------- ms-swift data flags
+
+TWO_TURNS = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+
+
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_prompt_only_row_of_exactly_max_length_is_kept(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"query": "short"}, {"query": "a longer question here"}])
+    stop_ids = (tokenizer.eos_token_id,)
+    short = len(encode(tokenizer, "<|im_start|>user\nshort<|im_end|>\n<|im_start|>assistant\n"))
+    examples = load_examples([str(path)], tokenizer, stop_ids, seed=0, need_completions=False, max_length=short)
+    assert [len(example["prompt_ids"]) for example in examples] == [short]
+
+
+def test_worker_processes_give_the_same_examples(tmp_path, tokenizer):
+    rows = [{"query": f"question {i}", "response": f"answer {i}"} for i in range(7)] + [{"messages": TWO_TURNS}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    stop_ids = (tokenizer.eos_token_id,)
+    one = load_examples([str(path)], tokenizer, stop_ids, seed=0, loss_scale="default")
+    two = load_examples([str(path)], tokenizer, stop_ids, seed=0, loss_scale="default", dataset_num_proc=2)
+    assert two == one
+    for example, row in zip(one, rows):  # the examples are the rows, in order, tokenized one by one
+        messages = row_to_messages(row, "w")
+        assert (example["prompt_ids"], example["completion_ids"]) == tokenize_messages(
+            tokenizer, messages[:-1], messages[-1]["content"], stop_ids)
+        assert example["dataset"] == str(path)
+    assert [len(example["prompt_label_spans"]) for example in one] == [0] * 7 + [1]
+
+
+def test_user_error_in_a_worker_is_one_line_naming_the_first_bad_row(tmp_path, tokenizer):
+    rows = [{"query": "q", "response": "r"}] * 2 + [{"query": "q " * 40, "response": "r"}] * 3
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(GKDUserError) as caught:
+        load_examples([str(path)], tokenizer, (tokenizer.eos_token_id,), seed=0, max_length=30,
+                      truncation_strategy="raise", dataset_num_proc=2)
+    assert type(caught.value) is GKDUserError
+    assert re.fullmatch(rf"{re.escape(str(path))}:3: \d+ tokens exceed --max_length 30 \(--truncation_strategy raise\)",
+                        str(caught.value))
+
+
+def test_load_from_cache_file_reuses_the_tokenized_rows(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"query": f"q{i}", "response": f"r{i}"} for i in range(4)]
+                       + [{"messages": TWO_TURNS}])
+    stop_ids = (tokenizer.eos_token_id,)
+    settings = dict(seed=0, max_length=64, loss_scale="default", load_from_cache_file=True)
+    first = load_examples([str(path)], tokenizer, stop_ids, **settings)
+    assert list((tmp_path / "hf" / "gkd").glob("*.arrow"))  # in datasets' cache folder, under gkd/
+
+    def no_template(*args, **kwargs):
+        raise RuntimeError("the chat template ran")
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", no_template)
+    assert load_examples([str(path)], tokenizer, stop_ids, **settings) == first  # read back, not recomputed
+    changes = [dict(max_length=65), dict(loss_scale="last_round"), dict(enable_thinking=False),
+               dict(truncation_strategy="left"), dict(system="S"), dict(load_from_cache_file=False)]
+    for change in changes:
+        with pytest.raises(RuntimeError, match="the chat template ran"):
+            load_examples([str(path)], tokenizer, stop_ids, **{**settings, **change})
+    with pytest.raises(RuntimeError, match="the chat template ran"):
+        load_examples([str(path)], tokenizer, stop_ids + (0,), **settings)
+    monkeypatch.setattr(tokenizer, "chat_template", tokenizer.chat_template + " ")
+    with pytest.raises(RuntimeError, match="the chat template ran"):
+        load_examples([str(path)], tokenizer, stop_ids, **settings)
+    write_jsonl(path, [{"query": "q0", "response": "changed"}])
+    with pytest.raises(RuntimeError, match="the chat template ran"):
+        load_examples([str(path)], tokenizer, stop_ids, **settings)
+
+
+def test_split_train_val_follows_ms_swift():
+    import datasets
+    import numpy as np
+
+    examples = [{"i": i, "dataset": "a"} for i in range(10)] + [{"i": i, "dataset": "b"} for i in range(10, 13)]
+    train, val = split_train_val(examples, 0.25, seed=42)
+    # ms-swift: per --dataset entry, max(int(n * ratio), 1) validation rows drawn by datasets' train_test_split,
+    # its seed drawn from one np.random.RandomState(data_seed) in entry order.
+    random_state = np.random.RandomState(42)
+    expected_train, expected_val = [], []
+    for indices, val_count in ((range(10), 2), (range(10, 13), 1)):
+        seed = random_state.randint(0, np.iinfo(np.int32).max)
+        split = datasets.Dataset.from_dict({"i": list(indices)}).train_test_split(
+            test_size=val_count, shuffle=True, seed=seed)
+        expected_train += split["train"]["i"]
+        expected_val += split["test"]["i"]
+    assert [example["i"] for example in val] == expected_val and len(val) == 3
+    assert [example["i"] for example in train] == expected_train
+    assert sorted(example["i"] for example in train + val) == list(range(13))
+    assert split_train_val(examples, 0.25, seed=42) == (train, val)
+    assert split_train_val(examples, 0.25, seed=1) != (train, val)
+    assert len(split_train_val(examples[:10], 0.01, seed=42)[1]) == 1  # at least one
+    assert split_train_val(examples, 0.0, seed=42) == (examples, [])
+
+
+@pytest.mark.parametrize("ratio, message", [(0.5, r"has 1 row\(s\), and 1 for validation would leave none"),
+                                            (1.0, r"must be in \[0, 1\)"), (-0.1, r"must be in \[0, 1\)")])
+def test_split_that_leaves_no_training_rows_is_refused(ratio, message):
+    with pytest.raises(GKDUserError, match=rf"^--split_dataset_ratio {ratio}: .*{message}"):
+        split_train_val([{"i": 0, "dataset": "one.jsonl"}], ratio, seed=42)
+
+
+def test_enable_thinking_reaches_the_chat_template(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+        "{% endif %}{% endif %}"))
+    path = write_jsonl(tmp_path / "t.jsonl", [{"query": "Q"}])
+    stop_ids = (tokenizer.eos_token_id,)
+    plain = encode(tokenizer, "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n")
+    prompts = {thinking: load_examples([str(path)], tokenizer, stop_ids, seed=0, need_completions=False,
+                                       enable_thinking=thinking)[0]["prompt_ids"] for thinking in (None, True, False)}
+    assert prompts[None] == prompts[True] == plain
+    assert prompts[False] == plain + encode(tokenizer, "<think>\n\n</think>\n\n")
+
+
+def test_loss_scale_default_supervises_every_assistant_turn(tmp_path, tokenizer):
+    stop_ids = (tokenizer.eos_token_id,)
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": TWO_TURNS}])
+    example = load_examples([str(path)], tokenizer, stop_ids, seed=0, loss_scale="default")[0]
+    first_prompt = encode(tokenizer, "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n")
+    first_answer = encode(tokenizer, "A1<|im_end|>")  # up to its stop; the template's newline after it is not
+    assert example["prompt_ids"] == first_prompt + first_answer + encode(
+        tokenizer, "\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n")
+    assert example["completion_ids"] == encode(tokenizer, "A2<|im_end|>")
+    start, end = len(first_prompt), len(first_prompt) + len(first_answer)
+    assert example["prompt_label_spans"] == [(start, end)]
+
+    batch = build_batch(**collate_examples([example]), pad_token_id=tokenizer.pad_token_id)
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    supervised = [position for position, label in enumerate(labels) if label != IGNORE_INDEX]
+    prompt_length = len(example["prompt_ids"])
+    assert supervised == list(range(start, end)) + list(range(prompt_length, len(ids)))
+    assert all(labels[position] == ids[position] for position in supervised)
+    assert tokenizer.decode([ids[position] for position in supervised]) == "A1<|im_end|>A2<|im_end|>"
+
+    last_round = load_examples([str(path)], tokenizer, stop_ids, seed=0)[0]
+    assert last_round["prompt_label_spans"] == []
+    assert (last_round["prompt_ids"], last_round["completion_ids"]) == (example["prompt_ids"],
+                                                                       example["completion_ids"])
+
+
+def test_loss_scale_spans_follow_left_truncation(tmp_path, tokenizer):
+    three = [{"role": "system", "content": "S"}, *TWO_TURNS[:3], {"role": "assistant", "content": "A2"},
+             {"role": "user", "content": "Q3"}, {"role": "assistant", "content": "A3"}]
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": three}])
+    stop_ids = (tokenizer.eos_token_id,)
+    whole = load_examples([str(path)], tokenizer, stop_ids, seed=0, loss_scale="default")[0]
+    assert [tokenizer.decode(whole["prompt_ids"][s:e]) for s, e in whole["prompt_label_spans"]] == [
+        "A1<|im_end|>", "A2<|im_end|>"]
+    length = len(whole["prompt_ids"]) + len(whole["completion_ids"])
+    start_a1, end_a1 = whole["prompt_label_spans"][0]
+    for cut in (start_a1 + 1, end_a1):  # into A1's turn, then just past it
+        kept = load_examples([str(path)], tokenizer, stop_ids, seed=0, loss_scale="default",
+                             max_length=length - cut, truncation_strategy="left")[0]
+        assert kept["prompt_ids"] == whole["prompt_ids"][cut:]
+        spans = [(max(s - cut, 0), e - cut) for s, e in whole["prompt_label_spans"] if e > cut]
+        assert kept["prompt_label_spans"] == spans
+        assert tokenizer.decode(kept["prompt_ids"][spans[-1][0]:spans[-1][1]]) == "A2<|im_end|>"
+
+
+def test_loss_scale_needs_a_template_with_the_prefix_property(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", (  # marks the last message: earlier prefixes differ
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+        "{% if loop.last %}{{ '!' }}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"))
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": TWO_TURNS}])
+    stop_ids = (tokenizer.eos_token_id,)
+    with pytest.raises(GKDUserError, match=rf"^{re.escape(str(path))}:1: --loss_scale default: .*assistant message 2"):
+        load_examples([str(path)], tokenizer, stop_ids, seed=0, loss_scale="default")
+    assert load_examples([str(path)], tokenizer, stop_ids, seed=0)[0]["prompt_label_spans"] == []
+
+
+@pytest.mark.parametrize("loss_scale", ["all", "ignore_empty_think", "react", "default+ignore_empty_think"])
+def test_other_loss_scales_are_refused(tmp_path, tokenizer, loss_scale):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": TWO_TURNS}])
+    message = rf"^--loss_scale {re.escape(loss_scale)}: gkd supports default and last_round$"
+    with pytest.raises(GKDUserError, match=message):
+        load_examples([str(path)], tokenizer, (tokenizer.eos_token_id,), seed=0, loss_scale=loss_scale)
+
+
+def test_build_batch_supervises_prompt_label_spans():
+    batch = build_batch([[10, 11, 12, 13], [20]], [[14, 2], [21, 2]], 0, prompt_label_spans=[[(1, 3)], []])
+    ignore = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[ignore, 11, 12, ignore, 14, 2], [ignore, 21, 2, ignore, ignore, ignore]]
+    assert collate_examples([{"prompt_ids": [1], "completion_ids": None}])["prompt_label_spans"] == [[]]
+    with pytest.raises(ValueError, match="outside its 1 prompt tokens"):
+        build_batch([[1]], [[2]], 0, prompt_label_spans=[[(0, 2)]])
+
