@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from gkd.errors import GKDUserError
+from gkd.hub import load_hub_dataset, looks_local, use_hf_hub
 from gkd.tokenize import (  # noqa: F401  (tokenization lived here; callers import these from gkd.data)
     check_chat_template, check_loss_scale, cut_at_stop, tokenize_messages, tokenize_records, truncate,
 )
@@ -33,20 +34,27 @@ IGNORE_INDEX = -100
 # ms-swift's column aliases for query/response rows, in the order they are looked up.
 QUERY_COLUMNS = ("query", "question", "problem", "prompt", "instruction")
 RESPONSE_COLUMNS = ("response", "answer", "output", "solution", "completion")
+MEDIA_COLUMNS = ("images", "videos", "audios")  # ms-swift's multimodal columns
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """ms-swift's dataset syntax (swift/dataset/dataset_syntax.py): [hf::|ms::]ID_OR_PATH[:SUBSET[/SUBSET...]][#N]."""
+
     source: str  # a local file or folder, or a hub dataset id
-    subset: str | None = None
+    subset: str | None = None  # 'a/b' names several subsets
     count: int | None = None  # the #N suffix
+    use_hf: bool | None = None  # the hf:: / ms:: prefix; None: --use_hf / USE_HF decide
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
         if os.path.exists(os.path.expanduser(text)):  # a real path may hold '#' or ':'
             return cls(source=text)
-        source, count = text, None
+        source, count, use_hf = text, None, None
+        hub, separator, rest = source.partition("::")
+        if separator and hub.lower() in ("hf", "ms"):
+            source, use_hf = rest, hub.lower() == "hf"
         if "#" in source:
             source, _, count_text = source.rpartition("#")
             if not count_text.isdigit() or int(count_text) == 0:
@@ -54,15 +62,11 @@ class DatasetSpec:
             count = int(count_text)
         subset = None
         if not os.path.exists(source) and ":" in source:
-            source, _, subset = source.rpartition(":")
-        return cls(source=source, subset=subset or None, count=count)
+            source, _, subset = source.partition(":")
+        return cls(source=source, subset=subset or None, count=count, use_hf=use_hf)
 
     def looks_local(self) -> bool:
-        return (
-            os.path.exists(self.source)
-            or self.source.lower().endswith(FILE_EXTENSIONS)
-            or self.source.startswith(("/", "./", "../", "~"))
-        )
+        return os.path.exists(self.source) or self.source.lower().endswith(FILE_EXTENSIONS) or looks_local(self.source)
 
 
 # ----------------------------------------------------------------------------- reading rows
@@ -124,16 +128,10 @@ def _read_file(path: str):
 
 
 def _read_hub(spec: DatasetSpec):
-    import datasets
-
-    try:
-        table = datasets.load_dataset(spec.source, spec.subset, split="train")
-    except Exception as error:  # offline, unknown id, gated, bad subset: all reach the user as one line
-        raise GKDUserError(
-            f"--dataset {spec.source}: not a local file or folder, and loading it as a hub dataset failed "
-            f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-        ) from None
-    for index, row in enumerate(table, start=1):
+    """A hub dataset's rows, from ModelScope unless hf::, --use_hf or USE_HF=1 say the Hugging Face Hub (as
+    ms-swift; gkd-train has settled --use_hf into USE_HF before data loads)."""
+    use_hf = spec.use_hf if spec.use_hf is not None else use_hf_hub(None)
+    for index, row in enumerate(load_hub_dataset(spec.source, spec.subset, use_hf=use_hf), start=1):
         yield f"{spec.source} row {index}", row
 
 
@@ -227,6 +225,10 @@ def row_to_messages(row, where: str, system: str | None = None) -> list[dict]:
     """Normalise any supported row shape to a list of {role, content} messages."""
     if not isinstance(row, dict):
         raise GKDUserError(f"{where}: expected an object with the row's fields, got {type(row).__name__}")
+    media = [column for column in MEDIA_COLUMNS if row.get(column)]
+    if media:  # never train on a caption without the picture it describes
+        raise GKDUserError(f"{where}: the row has {media[0]}; vision-language distillation is not supported by gkd "
+                           "yet (text-only students and teachers)")
     if "messages" in row:
         messages = row["messages"]
     elif "conversations" in row:

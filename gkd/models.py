@@ -5,7 +5,7 @@ import json
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from gkd.errors import GKDUserError
 
@@ -52,14 +52,27 @@ def load_model(name: str, dtype, attn_impl: str | None, trust_remote_code: bool,
         raise GKDUserError(f"{flag} {name}: cannot load it as a causal LM ({_first_line(error)})") from None
 
 
-def resolve_dtypes(torch_dtype: str | None, bf16: bool, fp16: bool):
-    """(student dtype, teacher dtype). The student keeps float32 master weights under mixed precision;
-    the teacher only runs forward, so it can live in the half-precision dtype."""
-    if torch_dtype == "auto":
-        return "auto", "auto"
-    if torch_dtype:
-        return DTYPES[torch_dtype], DTYPES[torch_dtype]
-    return torch.float32, torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+def checkpoint_dtype(name: str, trust_remote_code: bool) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json names (its `dtype`, or the older `torch_dtype`), if any."""
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception:  # load_model reports an unloadable checkpoint in its own words
+        return None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype.removeprefix("torch."))
+    return dtype if dtype in DTYPES.values() else None
+
+
+def disable_dropout(model) -> None:
+    """ms-swift's GKD trains without dropout (TRL's GKDConfig.disable_dropout, default true): the student's
+    distribution is compared with the teacher's, and dropout would make it a random one. Attention dropout is
+    a rate the attention modules read (not a Dropout module) in transformers' model families."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:

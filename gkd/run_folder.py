@@ -166,6 +166,13 @@ class RunFolderCallback(TrainerCallback):
         self.start_time = time.time()
         self.start_step = state.global_step  # a resumed run's speed counts only the steps it ran
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # As ms-swift: the last step is always saved (and evaluated), so a run ends with its final checkpoint.
+        if state.global_step == state.max_steps:
+            control.should_save = args.save_strategy != "no"
+            control.should_evaluate = args.eval_strategy != "no"
+        return control
+
     def on_save(self, args, state, control, **kwargs):
         # Called once the checkpoint is on disk; Trainer names it checkpoint-<step> in args.output_dir.
         self.last_checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

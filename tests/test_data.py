@@ -28,6 +28,9 @@ def test_spec_syntax(tmp_path):
     hashed = tmp_path / "run#1.jsonl"  # and its '#'
     hashed.write_text("")
     assert DatasetSpec.parse(str(hashed)) == DatasetSpec(str(hashed), None, None)
+    # ms-swift's hub prefix and several subsets (split at the first colon)
+    assert DatasetSpec.parse("hf::org/name:a/b#7") == DatasetSpec("org/name", "a/b", 7, use_hf=True)
+    assert DatasetSpec.parse("MS::org/name") == DatasetSpec("org/name", None, None, use_hf=False)
     with pytest.raises(GKDUserError, match="positive row count"):
         DatasetSpec.parse("data.jsonl#ten")
 
@@ -201,26 +204,55 @@ def test_build_batch_gives_long_tensors():
     assert all(tensor.dtype == torch.long for tensor in batch.values())
 
 
-def test_hub_ids_go_through_datasets(monkeypatch):
+def test_hub_ids_go_through_the_chosen_hub(monkeypatch):
+    """ModelScope by default, the Hugging Face Hub with USE_HF=1 or hf:: (clients stood in for: no hub here)."""
+    import sys
+    import types
+
     import datasets
 
     calls = []
 
-    def fake_load_dataset(name, subset=None, split=None):
-        calls.append((name, subset, split))
-        return datasets.Dataset.from_list([{"query": f"q{i}", "response": "r"} for i in range(5)])
+    def rows(name):
+        return datasets.Dataset.from_list([{"query": f"{name} q{i}", "response": "r"} for i in range(5)])
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    rows = read_rows(DatasetSpec.parse("org/math:hard#3"), seed=0)
-    assert calls == [("org/math", "hard", "train")]
-    assert len(rows) == 3 and rows[0][0].startswith("org/math row ")
+    def hf_load_dataset(name, subset=None, split=None):
+        calls.append(("hf", name, subset, split))
+        return rows("hf")
+
+    class MsDataset:
+        @staticmethod
+        def load(name, subset_name=None, split=None):
+            calls.append(("ms", name, subset_name, split))
+            return rows("ms")
+
+    monkeypatch.setattr(datasets, "load_dataset", hf_load_dataset)
+    monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(MsDataset=MsDataset))
+    monkeypatch.delenv("USE_HF", raising=False)
+    loaded = read_rows(DatasetSpec.parse("org/math:hard#3"), seed=0)
+    assert calls == [("ms", "org/math", "hard", "train")]
+    assert len(loaded) == 3 and loaded[0][0].startswith("org/math row ") and loaded[0][1]["query"].startswith("ms")
+    read_rows(DatasetSpec.parse("hf::org/math"), seed=0)
+    monkeypatch.setenv("USE_HF", "1")
+    read_rows(DatasetSpec.parse("org/math:a/b"), seed=0)
+    assert calls[1:] == [("hf", "org/math", None, "train"), ("hf", "org/math", "a", "train"),
+                         ("hf", "org/math", "b", "train")]
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hub\nlong details")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(GKDUserError, match=r"^--dataset org/none: .*hub dataset failed \(Couldn't reach the Hub\)$"):
+    with pytest.raises(GKDUserError, match=r"^--dataset org/none: .*\(Couldn't reach the Hub\)"):
         read_rows(DatasetSpec.parse("org/none"), seed=0)
+
+
+def test_rows_with_images_are_refused_never_dropped(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "coco.jsonl", [
+        {"messages": [{"role": "user", "content": "<image>Describe it."}, {"role": "assistant", "content": "A cat."}],
+         "images": ["cat.png"]}])
+    with pytest.raises(GKDUserError, match=r"coco\.jsonl:1: the row has images; vision-language distillation is "
+                                           r"not supported"):
+        load_examples([str(path)], tokenizer, (tokenizer.eos_token_id,), seed=0)
 
 
 # ----------------------------------------------------------------------------- ms-swift data flags

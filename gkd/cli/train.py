@@ -1,41 +1,70 @@
 """gkd-train: distil a teacher into a student with GKD. Reads top to bottom as the recipe it runs."""
 
 import dataclasses
+import glob
 import logging
 import os
 import shutil
 import sys
 
 from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
-from gkd.config import GKDConfig, parse_config
-from gkd.data import check_chat_template, load_examples
+from gkd.config import GKDConfig, parse_config, set_mixed_precision
+from gkd.config.training import default_torch_dtype
+from gkd.data import check_chat_template, load_examples, split_train_val
 from gkd.errors import GKDUserError
+from gkd.hub import resolve_model, use_hf_hub
 from gkd.launch import run_under_torchrun_if_asked
 from gkd.models import (
-    apply_lora, check_vocabularies, generation_config, load_model, load_tokenizer, resolve_dtypes, stop_token_ids,
-    tokenizer_fingerprint,
+    DTYPES, apply_lora, check_vocabularies, checkpoint_dtype, disable_dropout, generation_config, load_model,
+    load_tokenizer, stop_token_ids, tokenizer_fingerprint,
 )
+from gkd.run_folder import RunFolderCallback, save_arguments, versioned_output_dir
 
 logger = logging.getLogger("gkd")
 
 
-def _teacher_tokenizer(config: GKDConfig):
+def start_run_folder(config: GKDConfig) -> str:
+    """ms-swift's layout: with --add_version (its default) the run writes into a new OUTPUT_DIR/vN-YYYYMMDD-HHMMSS
+    (so nothing of an earlier run is overwritten); args.json records every argument; TensorBoard writes to
+    <run>/runs. Needs the process group: rank 0 names the folder for all."""
+    training = config.training
+    base = training.output_dir
+    if config.gkd.add_version:
+        training.output_dir = versioned_output_dir(base)
+    else:
+        os.makedirs(base, exist_ok=True)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(training.output_dir, "runs"))
+    if training.process_index == 0:
+        save_arguments(os.path.join(training.output_dir, "args.json"), dataclasses.asdict(config))
+    return training.output_dir
+
+
+def checkpoint_to_resume(config: GKDConfig, base_output_dir: str) -> str | None:
+    """--resume_from_checkpoint: a folder as given; 'true'/'last': the newest checkpoint of the newest run
+    under --output_dir (versioned runs each have their own folder)."""
+    resume = config.training.resume_from_checkpoint
+    if resume is None or resume.lower() not in ("true", "last"):
+        return resume
+    runs = sorted(glob.glob(os.path.join(base_output_dir, "v*-*")), key=os.path.getmtime, reverse=True)
+    for folder in ([] if not config.gkd.add_version else runs) + [base_output_dir]:
+        checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+        if checkpoint:
+            return checkpoint
+    raise GKDUserError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder under {base_output_dir}")
+
+
+def _teacher_tokenizer(teacher_dir: str, config: GKDConfig):
     try:
-        return load_tokenizer(config.model.teacher_model, config.model.trust_remote_code, "--teacher_model")
+        return load_tokenizer(teacher_dir, config.model.trust_remote_code, "--teacher_model")
     except GKDUserError:
         logger.warning("no tokenizer beside --teacher_model %s: assuming it is the student's",
                        config.model.teacher_model)
         return None
 
 
-def _vllm_dtype(config: GKDConfig) -> str:
-    if config.model.torch_dtype:
-        return config.model.torch_dtype
-    return "bfloat16" if config.training.bf16 else "float16" if config.training.fp16 else "auto"
-
-
-def make_student_engine(config: GKDConfig, student, tokenizer):
+def make_student_engine(config: GKDConfig, student_dir: str, student, tokenizer, dtype):
     """The engine that samples the student's completions: None (transformers generate, the default),
     vLLM in this process (colocate), or a gkd-rollout server."""
     vllm = config.vllm
@@ -48,12 +77,24 @@ def make_student_engine(config: GKDConfig, student, tokenizer):
                                 model=student, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
     from gkd.sampling.vllm_engine import VLLMEngine
 
-    # Without --vllm_max_model_len, --max_length bounds what vLLM must hold.
-    engine_args = dataclasses.replace(vllm, vllm_max_model_len=vllm.vllm_max_model_len or config.data.max_length)
+    # Without --vllm_max_model_len, vLLM holds the longest prompt (--max_length) and completion.
+    max_model_len = vllm.vllm_max_model_len
+    if max_model_len is None and config.data.max_length is not None:
+        max_model_len = config.data.max_length + config.gkd.max_completion_length
+    engine_args = dataclasses.replace(vllm, vllm_max_model_len=max_model_len)
+    dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
     return VLLMEngine.from_arguments(
-        config.model.model, engine_args, sleep_level=vllm.sleep_level, dtype=_vllm_dtype(config),
+        student_dir, engine_args, sleep_level=vllm.sleep_level, dtype=dtype_name,
         seed=config.training.seed, trust_remote_code=config.model.trust_remote_code,
     )
+
+
+def _say_what_is_ignored(config: GKDConfig) -> None:
+    model_args, data_args = config.model, config.data
+    for flag, value in (("--model_type", model_args.model_type), ("--teacher_model_type", model_args.teacher_model_type),
+                        ("--template", data_args.template)):
+        if value:
+            logger.info("%s %s: gkd reads the architecture and chat template from the checkpoint itself", flag, value)
 
 
 def train(config: GKDConfig) -> None:
@@ -62,43 +103,68 @@ def train(config: GKDConfig) -> None:
     model_args, data_args, gkd_args, training = config.model, config.data, config.gkd, config.training
     set_seed(training.seed)
     _ = training.device  # forms the process group now: vLLM's colocated engine joins it
+    base_output_dir = training.output_dir
+    resume = checkpoint_to_resume(config, base_output_dir)
+    start_run_folder(config)
+    _say_what_is_ignored(config)
+
+    # Hub ids become local folders (ModelScope unless --use_hf), one download per machine.
+    use_hf = use_hf_hub(model_args.use_hf)
+    with training.main_process_first(local=True, desc="downloading the models"):
+        student_dir = resolve_model(model_args.model, use_hf=use_hf, flag="--model",
+                                    revision=model_args.model_revision)
+        teacher_dir = resolve_model(model_args.teacher_model, use_hf=use_hf, flag="--teacher_model",
+                                    revision=model_args.teacher_model_revision)
 
     # Tokenizer and data first: a bad row should stop the run before minutes of model loading.
-    tokenizer = load_tokenizer(model_args.model, model_args.trust_remote_code)
+    tokenizer = load_tokenizer(student_dir, model_args.trust_remote_code)
     check_chat_template(tokenizer, model_args.model)
-    stop_ids = stop_token_ids(tokenizer, generation_config(model_args.model, model_args.trust_remote_code))
+    stop_ids = stop_token_ids(tokenizer, generation_config(student_dir, model_args.trust_remote_code))
     need_completions = gkd_args.lmbda < 1 and not gkd_args.seq_kd
-    data_settings = dict(seed=training.seed, system=data_args.system, max_length=data_args.max_length,
-                         truncation_strategy=data_args.truncation_strategy)
+    data_seed = training.data_seed if training.data_seed is not None else 42  # ms-swift's data_seed default
+    data_settings = dict(seed=data_seed, system=data_args.system, max_length=data_args.max_length,
+                         truncation_strategy=data_args.truncation_strategy, dataset_num_proc=data_args.dataset_num_proc,
+                         load_from_cache_file=data_args.load_from_cache_file, enable_thinking=data_args.enable_thinking,
+                         loss_scale=data_args.loss_scale)
     train_examples = load_examples(
         data_args.dataset, tokenizer, stop_ids, need_completions=need_completions,
         reason_completions_needed=f"--lmbda {gkd_args.lmbda} with --seq_kd false", **data_settings,
     )
-    eval_examples = load_examples(
-        data_args.val_dataset, tokenizer, stop_ids, need_completions=True,
-        reason_completions_needed="the evaluation loss on --val_dataset", **data_settings,
-    ) if data_args.val_dataset else None
+    if data_args.val_dataset:
+        eval_examples = load_examples(
+            data_args.val_dataset, tokenizer, stop_ids, need_completions=True,
+            reason_completions_needed="the evaluation loss on --val_dataset", **data_settings,
+        )
+    elif data_args.split_dataset_ratio > 0:  # ms-swift holds out a seeded share (ignored with --val_dataset)
+        train_examples, eval_examples = split_train_val(train_examples, data_args.split_dataset_ratio, data_seed)
+        if any(example["completion_ids"] is None for example in eval_examples):
+            raise GKDUserError(f"--split_dataset_ratio {data_args.split_dataset_ratio}: the held-out rows need "
+                               "completions for the evaluation loss, and some have none")
+    else:
+        eval_examples = None
     logger.info("%d training rows, %d evaluation rows", len(train_examples), len(eval_examples or []))
 
-    student_dtype, teacher_dtype = resolve_dtypes(model_args.torch_dtype, training.bf16, training.fp16)
-    student = load_model(model_args.model, student_dtype, model_args.attn_impl, model_args.trust_remote_code,
-                         "--model")
-    teacher = load_model(model_args.teacher_model, teacher_dtype, model_args.attn_impl,
-                         model_args.trust_remote_code, "--teacher_model")
-    compared_vocab_size = check_vocabularies(tokenizer, _teacher_tokenizer(config), student, teacher,
+    # Both models in one dtype, which also decides the mixed precision, as in ms-swift.
+    if model_args.torch_dtype and model_args.torch_dtype != "auto":
+        dtype = DTYPES[model_args.torch_dtype]
+    else:
+        dtype = default_torch_dtype(checkpoint_dtype(student_dir, model_args.trust_remote_code))
+    set_mixed_precision(training, dtype)
+    student = load_model(student_dir, dtype, model_args.attn_impl, model_args.trust_remote_code, "--model")
+    teacher = load_model(teacher_dir, dtype, model_args.attn_impl, model_args.trust_remote_code, "--teacher_model")
+    disable_dropout(student)
+    compared_vocab_size = check_vocabularies(tokenizer, _teacher_tokenizer(teacher_dir, config), student, teacher,
                                              model_args.model, model_args.teacher_model)
     if config.tuner.tuner_type == "lora":
         student = apply_lora(student, config.tuner)
 
     trainer = GKDTrainer(
         model=student, teacher_model=teacher, args=training, gkd_args=gkd_args,
-        stop_token_ids=stop_ids, compared_vocab_size=compared_vocab_size, max_length=data_args.max_length,
+        stop_token_ids=stop_ids, compared_vocab_size=compared_vocab_size,
         train_dataset=train_examples, eval_dataset=eval_examples, processing_class=tokenizer,
-        student_engine=make_student_engine(config, student, tokenizer),
+        student_engine=make_student_engine(config, student_dir, student, tokenizer, dtype),
+        callbacks=[RunFolderCallback(training.output_dir)],
     )
-    resume = training.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "last"):
-        resume = True
     try:
         trainer.train(resume_from_checkpoint=resume)
     except ValueError as error:
@@ -107,7 +173,7 @@ def train(config: GKDConfig) -> None:
         raise
 
     if config.tuner.tuner_type == "lora":
-        # A plain Hugging Face model in output_dir; the adapter itself stays in the checkpoints.
+        # A plain Hugging Face model in the run folder; the adapter itself stays in the checkpoints.
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
             trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(training.output_dir)
@@ -116,6 +182,18 @@ def train(config: GKDConfig) -> None:
         trainer.save_model(training.output_dir)
     if trainer.is_world_process_zero():
         logger.info("saved the distilled student to %s", training.output_dir)
+
+
+def _remove_unfinished_run(run_dir: str, existed_before: set[str]) -> None:
+    """Remove the run folder (and the --output_dir made for it) when this run made it and wrote no checkpoint."""
+    if run_dir in existed_before or not os.path.isdir(run_dir):
+        return
+    if any(name.startswith("checkpoint-") for name in os.listdir(run_dir)):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = os.path.dirname(run_dir)
+    if parent not in existed_before and os.path.isdir(parent) and not os.listdir(parent):
+        os.rmdir(parent)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,19 +206,17 @@ def main(argv: list[str] | None = None) -> None:
         # forms the gloo group only when told it trains on the CPU (accelerate launch says "False").
         if not torch.cuda.is_available():
             os.environ["ACCELERATE_USE_CPU"] = "true"
-    output_dir = None
-    created_output_dir = False
+    config, existed_before = None, set()
     try:
         config = parse_config(argv)
-        output_dir = config.training.output_dir
-        created_output_dir = not os.path.exists(output_dir)
+        base = config.training.output_dir
+        existed_before = {base, *(os.path.join(base, name) for name in os.listdir(base))} if os.path.isdir(base) \
+            else set()
         train(config)
     except GKDUserError as error:
         # Bad input leaves nothing behind that this run made; checkpoints, once written, are kept.
-        if created_output_dir and os.path.isdir(output_dir) and not any(
-            name.startswith("checkpoint-") for name in os.listdir(output_dir)
-        ):
-            shutil.rmtree(output_dir, ignore_errors=True)
+        if config is not None:
+            _remove_unfinished_run(config.training.output_dir, existed_before)
         print(f"gkd-train: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

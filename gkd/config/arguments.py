@@ -68,6 +68,11 @@ class DataArguments:
     system: str | None = field(
         default=None, metadata={"help": "System prompt for rows that have none."}
     )
+    template: str | None = field(
+        default=None,
+        metadata={"help": "Accepted for ms-swift command lines; gkd renders prompts with the checkpoint's own chat "
+                  "template."},
+    )
     max_length: int | None = field(
         default=None,
         metadata={"help": "Longest prompt, in tokens (ms-swift: 'in GKD, max_length refers to max_prompt_length'); "
