@@ -7,6 +7,9 @@ One optimizer step, as in the paper's pseudocode:
    normalised by the completion tokens of the whole optimizer step, which are known only then;
 3. per micro-batch: student forward, teacher forward (eval mode, no gradients), generalized JSD over the
    completion tokens, plus sft_alpha * cross-entropy on the samples the student did not write.
+
+--padding_free / --packing (gkd/packing.py): each micro-batch's rows run as one sequence; --log_completions
+(gkd/completion_log.py): what each step trained on, with per-sample losses, in completions.jsonl.
 """
 
 import random
@@ -16,11 +19,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput
 
+from gkd.completion_log import CompletionLog, per_row_sums
 from gkd.data import IGNORE_INDEX, build_batch, collate_examples
 from gkd.errors import GKDUserError
 from gkd.losses import LossBatch, LossSettings, choose_loss_impl, make_loss
+from gkd.losses.common import recording_divergences
 from gkd.models import pad_token_id
 from gkd.offload import OffloadedModel
+from gkd.packing import collate_bins, pack_batch
 from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine, derive_seed
 
 SOURCES = ("student", "teacher", "dataset")
@@ -51,13 +57,26 @@ class _OffloadTeacherBeforeOptimizerStep(TrainerCallback):
         self.offload.offload()
 
 
+class _FlushCompletionLog(TrainerCallback):
+    """--log_completions: the step's samples go to completions.jsonl (and the reporters) once it is done."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        lines = self.trainer.completion_log.flush()
+        CompletionLog.report(lines, self.trainer.callback_handler.callbacks, state.global_step)
+
+
 class GKDTrainer(Trainer):
     # compute_loss divides by the completion tokens of the whole optimizer step itself.
     loss_is_scaled_for_ga = True
 
     def __init__(self, model, teacher_model, args, gkd_args, *, stop_token_ids, compared_vocab_size,
-                 max_length=None, student_engine: SamplingEngine | None = None,
-                 teacher_engine: SamplingEngine | None = None, **kwargs):
+                 student_engine: SamplingEngine | None = None, teacher_engine: SamplingEngine | None = None,
+                 padding_free: bool = False, packing: bool = False, log_completions: bool = False, **kwargs):
+        """packing: train_dataset holds gkd.packing.pack_examples' bins (a dataloader item is a bin) and
+        implies padding_free: each micro-batch's rows run as one sequence, without padding."""
         # The collator hands over token lists; Trainer must not strip them as unknown model inputs.
         args.remove_unused_columns = False
         args.dataloader_pin_memory = False  # batches are token lists until the step builds tensors
@@ -65,11 +84,16 @@ class GKDTrainer(Trainer):
             # A dense student uses every parameter in every step, so DDP can skip the search for unused ones;
             # a mixture of experts may leave an expert unused in a step, and DDP must then look.
             args.ddp_find_unused_parameters = has_experts(model)
-        super().__init__(model=model, args=args, data_collator=collate_examples, **kwargs)
+        super().__init__(model=model, args=args, data_collator=collate_bins if packing else collate_examples, **kwargs)
         self.gkd = gkd_args
         self.stop_token_ids = tuple(stop_token_ids)
         self.compared_vocab_size = compared_vocab_size
-        self.max_length = max_length
+        self.packing, self.padding_free = packing, padding_free or packing
+        self.completion_log = CompletionLog(self.args.output_dir, self.processing_class, self.accelerator) \
+            if log_completions else None
+        if self.completion_log is not None:
+            self.add_callback(_FlushCompletionLog(self))
+        self._step_samples = []  # per micro-batch of the step: (global indices, sources, prompts, completions)
         self.pad_token_id = pad_token_id(self.processing_class)
         self.vocab_size = len(self.processing_class)  # ids at or past it are the output layers' padding
 
@@ -116,11 +140,6 @@ class GKDTrainer(Trainer):
             vocab_size=self.vocab_size,
         )
 
-    def _fit_max_length(self, prompt, completion):
-        if self.max_length is None:
-            return completion
-        return completion[: max(self.max_length - len(prompt), 1)]
-
     def _global_sample_indices(self, micro_batch_index: int, rank: int, rows: int) -> list[int]:
         """Where each row of one process's micro-batch stands in the optimizer step's global batch: the
         micro-batches of a step follow each other, and within one the processes' rows follow each other
@@ -130,17 +149,34 @@ class GKDTrainer(Trainer):
         first = (micro_batch_index * world_size + rank) * per_process
         return list(range(first, first + rows))
 
-    def _complete_step(self, batch_samples: list[dict], global_step: int) -> list[list[str]]:
-        """Give every sample of the optimizer step its completion; returns this process's sources per
-        micro-batch. Each sample's source and, when generated, its completion are functions of (seed, step,
-        global sample index) alone, so splitting the step differently (processes, accumulation) or resuming
-        leaves them unchanged. Each engine is called once for the whole step."""
+    def _packed_sample_indices(self, batch_samples: list[dict]) -> list[list[list[int]]]:
+        """--packing: per micro-batch and process, the global indices of its rows. Bins hold different numbers
+        of rows, so the processes' row counts are gathered, and the rows are numbered in the order of the
+        step's bins (micro-batch, then process, then bin): a row's index is its place in the flattened
+        sequence of the step's bins, which splitting the same bins differently between processes and
+        accumulation keeps as the unpacked numbering does (the same bins, in the same order, per step)."""
+        counts = torch.tensor([len(batch["prompt_ids"]) for batch in batch_samples], device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(counts[None])  # (processes, micro-batches)
+        counts = counts.reshape(self.accelerator.num_processes, len(batch_samples)).t().reshape(-1).tolist()
+        firsts = [sum(counts[:position]) for position in range(len(counts))]
+        world_size = self.accelerator.num_processes
+        return [[list(range(firsts[m * world_size + p], firsts[m * world_size + p] + counts[m * world_size + p]))
+                 for p in range(world_size)] for m in range(len(batch_samples))]
+
+    def _complete_step(self, batch_samples: list[dict], global_step: int) -> tuple[list[list[str]], list[list[int]]]:
+        """Give every sample of the optimizer step its completion; returns this process's sources and global
+        sample indices per micro-batch. Each sample's source and, when generated, its completion are functions
+        of (seed, step, global sample index) alone, so splitting the step differently (processes,
+        accumulation) or resuming leaves them unchanged. Each engine is called once for the whole step."""
         rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
         sources, own_indices, needed_anywhere = [], [], set()
+        packed_indices = self._packed_sample_indices(batch_samples) if self.packing else None
         for micro_batch_index, batch in enumerate(batch_samples):
             rows = len(batch["prompt_ids"])
             for process in range(world_size):
-                indices = self._global_sample_indices(micro_batch_index, process, rows)
+                indices = packed_indices[micro_batch_index][process] if self.packing else \
+                    self._global_sample_indices(micro_batch_index, process, rows)
                 process_sources = [sample_source(self.args.seed, global_step, index, self.gkd.lmbda, self.gkd.seq_kd)
                                    for index in indices]
                 needed_anywhere.update(process_sources)
@@ -166,20 +202,28 @@ class GKDTrainer(Trainer):
                 self.teacher_offload.load()  # after the student's engine has released its memory (idle)
             generated = engine.generate(prompts, settings, seeds)
             engine.idle()  # no more sampling from it before the next optimizer step
+            # generation is bounded by --max_completion_length alone (--max_length bounds the prompt)
             for (m, row), completion in zip(chosen, generated):
-                batch = batch_samples[m]
-                batch["completion_ids"][row] = self._fit_max_length(batch["prompt_ids"][row], completion)
+                batch_samples[m]["completion_ids"][row] = completion
         self._metrics["generation_seconds"] += time.perf_counter() - started
-        return sources
+        return sources, own_indices
+
+    def _tensors(self, prompts, completions, vocab_size=None) -> dict:
+        """build_batch's padded tensors, or (--padding_free) one sequence of the rows (gkd.packing.pack_batch).
+        A row's first label is never a target (no position predicts it): IGNORE_INDEX, so that counting
+        labels counts the loss's positions."""
+        tensors = build_batch(prompts, completions, self.pad_token_id, vocab_size)
+        tensors["labels"][:, 0] = IGNORE_INDEX
+        return pack_batch(tensors) if self.padding_free else tensors
 
     def _batch_tensors(self, batch: dict, sources: list[str]) -> dict:
         prompts, completions = batch["prompt_ids"], batch["completion_ids"]
-        tensors = build_batch(prompts, completions, self.pad_token_id, self.vocab_size)
+        tensors = self._tensors(prompts, completions, self.vocab_size)
         tensors["from_student"] = torch.tensor([source == "student" for source in sources])
         for source in sources:
             self._metrics[f"samples_{source}"] += 1
         self._metrics["completion_tokens"] += sum(len(completion) for completion in completions)
-        self._metrics["tokens"] += int(tensors["attention_mask"].sum())
+        self._metrics["tokens"] += sum(len(prompt) + len(completion) for prompt, completion in zip(prompts, completions))
         return tensors
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -189,11 +233,15 @@ class GKDTrainer(Trainer):
         global_step = self.state.global_step
         if self._metrics_since_step is None:
             self._metrics_since, self._metrics_since_step = time.perf_counter(), global_step
-        sources = self._complete_step(batch_samples, global_step)
+        sources, indices = self._complete_step(batch_samples, global_step)
         if self.teacher_offload is not None:  # for the step's forwards, if no teacher generation brought it
             self.teacher_offload.load()  # (it goes back before the optimizer runs)
+        self._step_samples = [(global_step + 1, batch_indices, batch_sources, batch["prompt_ids"], batch["completion_ids"])
+                              for batch, batch_sources, batch_indices in zip(batch_samples, sources, indices)]
         batch_samples = [self._batch_tensors(batch, batch_sources)
                          for batch, batch_sources in zip(batch_samples, sources)]
+        for micro_batch_index, batch in enumerate(batch_samples):
+            batch["micro_batch"] = micro_batch_index  # compute_loss finds the samples' texts for the log by it
         completion_tokens = sum(int(batch["labels"].ne(IGNORE_INDEX).sum()) for batch in batch_samples)
         completion_tokens = torch.tensor(completion_tokens, device=device)
         if self.accelerator.num_processes > 1:
@@ -202,13 +250,36 @@ class GKDTrainer(Trainer):
 
     # ------------------------------------------------------------------ the loss
 
+    @staticmethod
+    def _loss_batch(inputs, sft: bool) -> LossBatch:
+        """sft: the cross-entropy's rows (non-student samples), per position in a padding-free sequence."""
+        sft_rows = ~inputs["from_student"] if sft else None
+        if "position_ids" in inputs:
+            sft_rows = None if sft_rows is None else sft_rows[inputs["row_ids"]]
+            return LossBatch(inputs["input_ids"], None, inputs["labels"], sft_rows, inputs["position_ids"])
+        return LossBatch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], sft_rows)
+
     def _loss_sums(self, model, inputs, sft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed generalized JSD and summed cross-entropy (on non-student samples; 0 when sft is False or
         sft_alpha is 0) of one micro-batch. self.gkd_loss (gkd/losses) runs both models as its implementation
         needs; model may be a DDP/DeepSpeed wrapper, whose forward it calls. The teacher is on the device."""
-        sft_rows = ~inputs["from_student"] if sft and self.gkd.sft_alpha > 0 else None
-        batch = LossBatch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], sft_rows)
+        batch = self._loss_batch(inputs, sft and self.gkd.sft_alpha > 0)
         return tuple(self.gkd_loss(model, self.teacher, batch, student_module=self.accelerator.unwrap_model(model)))
+
+    def _log_samples(self, inputs, records) -> None:
+        """--log_completions: this micro-batch's samples with their summed divergences (from the loss's own
+        per-position values) and counted positions."""
+        step, indices, sources, prompts, completions = self._step_samples[inputs["micro_batch"]]
+        targets = self._loss_batch(inputs, sft=False).targets()
+        if "row_ids" in inputs:
+            row_of_position = inputs["row_ids"].reshape(-1)
+        else:
+            row_of_position = torch.arange(targets.shape[0], device=targets.device).repeat_interleave(targets.shape[1])
+        counted = targets.reshape(-1).ne(IGNORE_INDEX)
+        tokens = torch.zeros(len(prompts), dtype=torch.long).index_add_(
+            0, row_of_position[counted].cpu(), torch.ones(int(counted.sum()), dtype=torch.long))
+        self.completion_log.add(step, indices, sources, prompts, completions,
+                                per_row_sums(records, row_of_position, len(prompts)), tokens)
 
     def compute_loss_context_manager(self):
         """The loss runs under the accelerator's autocast: accelerate casts only inside the prepared model's
@@ -218,7 +289,12 @@ class GKDTrainer(Trainer):
         return stack
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        jsd_sum, sft_sum = self._loss_sums(model, inputs)
+        if self.completion_log is not None and "micro_batch" in inputs:
+            with recording_divergences() as records:
+                jsd_sum, sft_sum = self._loss_sums(model, inputs)
+            self._log_samples(inputs, records)
+        else:
+            jsd_sum, sft_sum = self._loss_sums(model, inputs)
         self._metrics["jsd_sum"] += float(jsd_sum.detach())
         self._metrics["sft_sum"] += float(sft_sum.detach())
         self._metrics["loss_tokens"] += int(inputs["labels"].ne(IGNORE_INDEX).sum())
@@ -241,7 +317,7 @@ class GKDTrainer(Trainer):
         totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # summed JSD, tokens
         samples = 0
         for inputs in dataloader:
-            batch = build_batch(inputs["prompt_ids"], inputs["completion_ids"], self.pad_token_id)
+            batch = self._tensors(inputs["prompt_ids"], inputs["completion_ids"])
             batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
             batch["from_student"] = torch.zeros(len(inputs["prompt_ids"]), dtype=torch.bool, device=self.args.device)
             with torch.no_grad(), self.compute_loss_context_manager():

@@ -71,12 +71,15 @@ def make_trainer(tmp_path, tokenizer, student, teacher, examples, *, batch_size,
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to="none", save_strategy="no",
         seed=11, disable_tqdm=True, bf16=bf16, use_cpu=bf16,
     )
-    gkd_args = GKDArguments(**{"lmbda": 0.0, "max_completion_length": 8, **gkd_flags})
+    trainer_flags = {name: gkd_flags.pop(name) for name in ("padding_free", "packing", "log_completions")
+                     if name in gkd_flags}
+    # loss_temperature 1: the references below compare logits unscaled (its default follows --temperature)
+    gkd_args = GKDArguments(**{"lmbda": 0.0, "max_completion_length": 8, "loss_temperature": 1.0, **gkd_flags})
     return GKDTrainer(
         model=student, teacher_model=teacher, args=args, gkd_args=gkd_args,
         stop_token_ids=(tokenizer.eos_token_id,),
         compared_vocab_size=min(output_vocab_size(student), output_vocab_size(teacher)),
-        train_dataset=examples, processing_class=tokenizer,
+        train_dataset=examples, processing_class=tokenizer, **trainer_flags,
     )
 
 

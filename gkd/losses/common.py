@@ -3,6 +3,7 @@ with its analytic gradient that the chunked and fused implementations are built 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -80,8 +81,34 @@ def counted_rows(labels, positions: torch.Size, ignore_index: int, device) -> to
     return (labels.reshape(-1) != ignore_index).nonzero().squeeze(1).to(device)
 
 
+_RECORDS: list[list] = []  # the open recording_divergences() blocks, innermost last
+
+
+@contextlib.contextmanager
+def recording_divergences():
+    """Inside the block, every reduced divergence (sum or batchmean: the trainer's) also appends
+    (per-position values, their flat position indices), detached, to the list it yields: the values
+    the loss summed anyway, for per-sample losses at no extra cost (--log_completions)."""
+    record: list = []
+    _RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDS.remove(record)
+
+
+def recording() -> bool:
+    return bool(_RECORDS)
+
+
+def record_divergences(per_pos: torch.Tensor, rows: torch.Tensor, reduction: str) -> None:
+    if _RECORDS and reduction != "none":
+        _RECORDS[-1].append((per_pos.detach(), rows))
+
+
 def reduce(per_pos: torch.Tensor, rows: torch.Tensor, positions: torch.Size, reduction: str):
     """Reduce the divergences of the counted rows as generalized_jsd_loss does."""
+    record_divergences(per_pos, rows, reduction)
     if reduction == "none":
         full = per_pos.new_zeros(math.prod(positions))
         return full.index_copy_(0, rows, per_pos).reshape(positions)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from gkd.losses.common import check_labels, check_options, check_same_positions
+from gkd.losses.common import check_labels, check_options, check_same_positions, record_divergences, recording
 from gkd.losses.interface import LogitsLossImpl, flat_vocab
 
 
@@ -96,6 +96,9 @@ def generalized_jsd_loss(
             return per_pos.reshape(out_shape)
         full = per_pos.new_zeros(counted.shape)
         return full.masked_scatter(counted, per_pos).reshape(out_shape)
+    if recording():  # (--log_completions) the counted positions' flat indices, for per-sample losses
+        rows = torch.arange(per_pos.shape[0], device=per_pos.device) if counted is None else counted.nonzero()[:, 0]
+        record_divergences(per_pos, rows, reduction)
     total = per_pos.sum()
     if reduction == "sum":
         return total

@@ -32,29 +32,46 @@ class LossSettings:
 @dataclass
 class LossBatch:
     """One micro-batch as the trainer built it (gkd.data.build_batch): labels are IGNORE_INDEX
-    outside completions and not shifted; sft_rows (batch,) bool marks the samples whose completion
-    tokens also get the cross-entropy, or is None for no cross-entropy at all."""
+    outside completions and not shifted; sft_rows marks the samples whose completion tokens also
+    get the cross-entropy, per row (batch,) or per position (batch, seq) bool, or is None for no
+    cross-entropy at all.
+
+    Padding-free (gkd.packing): several rows concatenated into one sequence, attention_mask None and
+    position_ids restarting at 0 at each row (the model then keeps the rows apart; use_cache must be
+    off, or transformers does not look for packed rows); sft_rows is then per position."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     labels: torch.Tensor
     sft_rows: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
 
     def forward_kwargs(self, **extra) -> dict:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False, **extra}
+        inputs = {"input_ids": self.input_ids, "use_cache": False, **extra}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+        return inputs
 
     def targets(self) -> torch.Tensor:
-        """What position t's logits predict: labels[:, t + 1], and IGNORE_INDEX at the last position.
+        """What position t's logits predict: labels[:, t + 1], and IGNORE_INDEX at the last position
+        and, in a packed sequence, at each row's last position (the next token opens another row).
 
         The labels move, not the logits: logits[:, :-1] is not contiguous, and flattening it copies
         the logits once more."""
-        return F.pad(self.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        targets = F.pad(self.labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        if self.position_ids is not None:
+            row_ends = F.pad(self.position_ids[:, 1:] == 0, (0, 1), value=True).to(targets.device)
+            targets = targets.masked_fill(row_ends, IGNORE_INDEX)
+        return targets
 
     def sft_targets(self) -> torch.Tensor | None:
         """targets() at the cross-entropy's positions, IGNORE_INDEX elsewhere; None without any."""
         if self.sft_rows is None:
             return None
-        return self.targets().masked_fill(~self.sft_rows.to(self.labels.device)[:, None], IGNORE_INDEX)
+        rows = self.sft_rows.to(self.labels.device)
+        return self.targets().masked_fill(~(rows if rows.dim() == 2 else rows[:, None]), IGNORE_INDEX)
 
 
 class LossSums(NamedTuple):
