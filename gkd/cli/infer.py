@@ -17,6 +17,7 @@ from gkd.config import VLLMEngineArguments
 from gkd.config.tools import InferArguments, parse_infer_config
 from gkd.data import DatasetSpec, check_chat_template, read_rows, row_to_messages, split_prompt_completion, tokenize_messages
 from gkd.errors import GKDUserError
+from gkd.hub import resolve_model, use_hf_hub
 from gkd.launch import run_under_torchrun_if_asked
 from gkd.models import DTYPES, generation_config, load_model, load_tokenizer, pad_token_id, stop_token_ids
 from gkd.result_file import KEY_FIELD, ResultFile, check_result_path
@@ -121,6 +122,8 @@ def infer(args: InferArguments, engine_args: VLLMEngineArguments) -> None:
     # cpu=True is what lets accelerate form a gloo group when torchrun starts several CPU processes.
     state = PartialState(cpu=not torch.cuda.is_available())
     check_result_path(args.result_path)
+    with state.main_process_first():  # one download; the other processes then find it in the cache
+        args.model = resolve_model(args.model, use_hf=use_hf_hub(args.use_hf), revision=args.model_revision)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     check_chat_template(tokenizer, args.model)
     samples = list_samples(args)

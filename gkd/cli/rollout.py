@@ -22,6 +22,7 @@ import torch
 
 from gkd.config.tools import parse_rollout_config
 from gkd.errors import GKDUserError
+from gkd.hub import resolve_model, use_hf_hub
 from gkd.models import load_tokenizer, tokenizer_fingerprint
 from gkd.sampling.base import SamplingSettings
 from gkd.sampling.vllm_engine import VLLMEngine, checkpoint_shapes
@@ -180,6 +181,7 @@ def serve(argv=None) -> None:
         token = secrets.token_urlsafe(24)
         print(f"gkd-rollout: {TOKEN_VARIABLE} is not set; run gkd-train with {TOKEN_VARIABLE}={token}",
               file=sys.stderr, flush=True)
+    args.model = resolve_model(args.model, use_hf=use_hf_hub(args.use_hf), revision=args.model_revision)
     health = describe_model(args.model, args.trust_remote_code)
     engine = VLLMEngine.from_arguments(args.model, engine_args, dtype=args.torch_dtype, seed=args.seed,
                                        trust_remote_code=args.trust_remote_code, flag="gkd-rollout")

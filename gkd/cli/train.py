@@ -16,6 +16,7 @@ from gkd.data import check_chat_template, load_examples, split_train_val
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
 from gkd.launch import run_under_torchrun_if_asked
+from gkd.packing import pack_examples
 from gkd.models import (
     DTYPES, apply_lora, check_vocabularies, checkpoint_dtype, disable_dropout, generation_config, load_model,
     load_tokenizer, stop_token_ids, tokenizer_fingerprint,
@@ -143,6 +144,10 @@ def train(config: GKDConfig) -> None:
     else:
         eval_examples = None
     logger.info("%d training rows, %d evaluation rows", len(train_examples), len(eval_examples or []))
+    if data_args.packing:  # ms-swift's --packing: a training sample is a bin of rows
+        train_examples = pack_examples(train_examples, data_args.packing_length or data_args.max_length)
+        logger.info("packed into %d bins of at most %d tokens", len(train_examples),
+                    data_args.packing_length or data_args.max_length)
 
     # Both models in one dtype, which also decides the mixed precision, as in ms-swift.
     if model_args.torch_dtype and model_args.torch_dtype != "auto":
@@ -163,6 +168,7 @@ def train(config: GKDConfig) -> None:
         stop_token_ids=stop_ids, compared_vocab_size=compared_vocab_size,
         train_dataset=train_examples, eval_dataset=eval_examples, processing_class=tokenizer,
         student_engine=make_student_engine(config, student_dir, student, tokenizer, dtype),
+        padding_free=data_args.padding_free, packing=data_args.packing, log_completions=gkd_args.log_completions,
         callbacks=[RunFolderCallback(training.output_dir)],
     )
     try:

@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from gkd.config.arguments import GKDConfig, VLLMEngineArguments
 from gkd.errors import GKDUserError
+from gkd.packing import check_padding_free
 
 LOSS_SCALES = ("last_round", "default")
 
@@ -114,6 +115,7 @@ def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> Non
         None if data.packing_length is None else in_range("packing_length", data.packing_length, 2, inf),
         None if not data.packing or data.packing_length or data.max_length else
         "--packing true needs --packing_length or --max_length (the size of a bin)",
+        check_padding_free(model.attn_impl) if data.padding_free else None,
     ]
     if gkd.gkd_logits_topk is not None and gkd.loss_impl in ("fused", "chunked"):
         problems.append(

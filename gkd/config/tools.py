@@ -17,6 +17,12 @@ class InferArguments:
     _argument_group_name = "gkd-infer"
 
     model: str | None = field(default=None, metadata={"help": "The model that samples (the teacher): folder or hub id."})
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag, commit) of --model."})
+    use_hf: bool | None = field(
+        default=None, metadata={"help": "Hub ids from the Hugging Face Hub instead of ModelScope (also USE_HF=1)."}
+    )
+    model_type: str | None = field(default=None, metadata={"help": "Accepted; the architecture comes from the checkpoint."})
+    template: str | None = field(default=None, metadata={"help": "Accepted; the checkpoint's own chat template renders."})
     val_dataset: list[str] = field(
         default_factory=list,
         metadata={"help": "Prompts, same ID_OR_PATH[:subset][#N] syntax and row shapes as gkd-train.",
@@ -81,6 +87,10 @@ class RolloutArguments:
     _argument_group_name = "gkd-rollout"
 
     model: str | None = field(default=None, metadata={"help": "The student to serve: folder or hub id."})
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag, commit) of --model."})
+    use_hf: bool | None = field(
+        default=None, metadata={"help": "Hub ids from the Hugging Face Hub instead of ModelScope (also USE_HF=1)."}
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0: every interface)."})
     port: int = field(default=8000, metadata={"help": "HTTP port."})
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
