@@ -86,7 +86,7 @@ def make_trainer(tmp_path, tokenizer, student, teacher, examples=None, *, batch_
         save_strategy="no", seed=11, disable_tqdm=True, logging_steps=1, bf16=bf16, use_cpu=True,
         gradient_checkpointing=gradient_checkpointing,
     )
-    gkd_args = GKDArguments(**{"lmbda": 0.0, "max_completion_length": 8, **flags})
+    gkd_args = GKDArguments(**{"lmbda": 0.0, "max_completion_length": 8, "loss_temperature": 1.0, **flags})
     return GKDTrainer(
         model=student, teacher_model=teacher, args=args, gkd_args=gkd_args,
         stop_token_ids=(tokenizer.eos_token_id,), compared_vocab_size=VOCAB,
