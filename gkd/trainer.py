@@ -208,17 +208,17 @@ class GKDTrainer(Trainer):
         self._metrics["generation_seconds"] += time.perf_counter() - started
         return sources, own_indices
 
-    def _tensors(self, prompts, completions, vocab_size=None) -> dict:
+    def _tensors(self, prompts, completions, vocab_size=None, prompt_label_spans=None) -> dict:
         """build_batch's padded tensors, or (--padding_free) one sequence of the rows (gkd.packing.pack_batch).
-        A row's first label is never a target (no position predicts it): IGNORE_INDEX, so that counting
-        labels counts the loss's positions."""
-        tensors = build_batch(prompts, completions, self.pad_token_id, vocab_size)
+        A row's first label is never a target (no position predicts it, though a prompt label span may open
+        there): IGNORE_INDEX, so that counting labels counts the loss's positions."""
+        tensors = build_batch(prompts, completions, self.pad_token_id, vocab_size, prompt_label_spans)
         tensors["labels"][:, 0] = IGNORE_INDEX
         return pack_batch(tensors) if self.padding_free else tensors
 
     def _batch_tensors(self, batch: dict, sources: list[str]) -> dict:
         prompts, completions = batch["prompt_ids"], batch["completion_ids"]
-        tensors = self._tensors(prompts, completions, self.vocab_size)
+        tensors = self._tensors(prompts, completions, self.vocab_size, batch.get("prompt_label_spans"))
         tensors["from_student"] = torch.tensor([source == "student" for source in sources])
         for source in sources:
             self._metrics[f"samples_{source}"] += 1
@@ -317,7 +317,8 @@ class GKDTrainer(Trainer):
         totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # summed JSD, tokens
         samples = 0
         for inputs in dataloader:
-            batch = self._tensors(inputs["prompt_ids"], inputs["completion_ids"])
+            batch = self._tensors(inputs["prompt_ids"], inputs["completion_ids"],
+                                  prompt_label_spans=inputs.get("prompt_label_spans"))
             batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
             batch["from_student"] = torch.zeros(len(inputs["prompt_ids"]), dtype=torch.bool, device=self.args.device)
             with torch.no_grad(), self.compute_loss_context_manager():

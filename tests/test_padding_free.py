@@ -151,8 +151,11 @@ def one_step(tmp_path, tiny, tokenizer, examples, name, *, batch_size, accumulat
 @pytest.mark.parametrize("loss_impl", ["fused", "chunked"])
 def test_an_optimizer_step_is_the_same_padded_padding_free_and_packed(tmp_path, tiny, tokenizer, loss_impl):
     """lmbda 0, six dataset rows in one optimizer step: padded (3 x 2 accumulated), padding-free (2 x 3) and
-    packed (bins of two or three rows, one bin per micro-batch) move the weights alike."""
+    packed (bins of two or three rows, one bin per micro-batch) move the weights alike, prompt label spans
+    included."""
     examples = make_examples(tokenizer, ["1", "22 + 22 = 44", "3", "4 + 4 = 8, surely", "55", "6 + 6 = 12"])
+    # supervised prompt spans (--loss_scale default), one opening at a row's first token
+    examples[1]["prompt_label_spans"], examples[4]["prompt_label_spans"] = [(0, 4), (9, 12)], [(3, 7)]
     flags = dict(lmbda=0.0, sft_alpha=0.2, loss_impl=loss_impl)
     padded = one_step(tmp_path, tiny, tokenizer, examples, "padded", batch_size=3, accumulation=2, **flags)
     free = one_step(tmp_path, tiny, tokenizer, examples, "free", batch_size=2, accumulation=3, padding_free=True,
