@@ -82,6 +82,8 @@ def train(student: Path, teacher: Path, data: str, engine_flags: list[str], args
         "--dataset", data, "--output_dir", str(output_dir), "--lmbda", "1", "--max_steps", str(args.steps),
         "--per_device_train_batch_size", str(args.batch_size), "--max_completion_length",
         str(args.max_completion_length), "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+        # one micro-batch per step, no recomputation: the workload the README's tables measure
+        "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false", "--add_version", "false",
         "--disable_tqdm", "true", "--seed", "0", *engine_flags, *args.engine_flags, *args.gkd_flags,
     ]
     result = subprocess.run(command, capture_output=True, text=True)

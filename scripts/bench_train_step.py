@@ -31,7 +31,9 @@ def run(tiny: Path, source_flags: list[str], args, output_dir: Path) -> tuple[li
         "--dataset", str(tiny / "data" / "train.jsonl"), "--output_dir", str(output_dir),
         "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch_size),
         "--max_completion_length", str(args.max_completion_length), "--logging_steps", "1",
-        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+        "--save_strategy", "no", "--report_to", "none",
+        # one micro-batch per step, no recomputation: the workload the README's tables measure
+        "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false", "--add_version", "false", "--disable_tqdm", "true", "--seed", "0",
         *source_flags, *args.gkd_flags,
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -163,7 +163,7 @@ def test_help_lists_gkd_flags_first():
     assert result.returncode == 0
     text = result.stdout
     assert text.index("--lmbda") < text.index("--model STUDENT") or text.index("--lmbda") < text.index("--per_device")
-    assert text.index("gkd:") < text.index("training (transformers TrainingArguments):")
+    assert text.index("gkd:") < text.index("training (transformers TrainingArguments, ms-swift's defaults):")
 
 
 def test_lora_saves_a_merged_plain_model(tmp_path, tiny):
@@ -243,3 +243,23 @@ def test_example_scripts_run(tmp_path, tiny, script):
                             env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_versioned_runs_never_touch_an_earlier_one(tmp_path, tiny):
+    """--add_version (ms-swift's default): each run in a new OUTPUT_DIR/vN-YYYYMMDD-HHMMSS; the second run
+    leaves the first's files byte for byte; --resume_from_checkpoint true picks the newest run's last
+    checkpoint and continues from its step."""
+    out = tmp_path / "out"
+    flags = base_flags(tiny, out)
+    at = flags.index("--add_version")
+    flags = flags[:at] + flags[at + 2:]  # the default: versioned
+    assert gkd_train(*flags, "--max_steps", 1, "--lmbda", 0).returncode == 0
+    (first,) = out.iterdir()
+    snapshot = {path: path.read_bytes() for path in first.rglob("*") if path.is_file()}
+    resumed = gkd_train(*flags, "--max_steps", 2, "--lmbda", 0, "--resume_from_checkpoint", "true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = sorted(out.iterdir(), key=lambda path: int(path.name[1:].split("-")[0]))
+    assert [run.name.split("-")[0] for run in runs] == ["v0", "v1"]
+    assert {path: path.read_bytes() for path in first.rglob("*") if path.is_file()} == snapshot
+    assert [entry["step"] for entry in log_history(runs[1] / "checkpoint-2") if "loss" in entry] == [1, 2]
+    assert json.loads((runs[1] / "args.json").read_text())["training"]["resume_from_checkpoint"] == "true"

@@ -50,7 +50,7 @@ MS_SWIFT_DEFAULTS = [
     ("training", "per_device_train_batch_size", 1, "swift/trainers/arguments.py"),
     ("training", "per_device_eval_batch_size", 1, "swift/trainers/arguments.py"),
     ("training", "gradient_accumulation_steps", 16, "swift/trainers/arguments.py (ceil(16 / batch / world))"),
-    ("training", "activation_checkpointing", True, "swift/trainers/arguments.py (gradient_checkpointing)"),
+    ("training", "gradient_checkpointing", True, "swift/trainers/arguments.py"),
     ("training", "logging_first_step", True, "swift/trainers/arguments.py"),
     ("training", "logging_steps", 5, "swift/trainers/arguments.py"),
     ("training", "weight_decay", 0.1, "swift/trainers/arguments.py"),

@@ -98,10 +98,14 @@ class SwiftTrainingArguments(TrainingArguments):
             self.dataloader_num_workers = 0 if sys.platform == "win32" else 1
         if self.eval_strategy is None:
             self.eval_strategy = "no"
-        # ms-swift's flag name, without transformers' deprecation warning for it; on unless told otherwise.
-        if self.activation_checkpointing is None:
-            self.activation_checkpointing = True if self.gradient_checkpointing is None else self.gradient_checkpointing
-        self.gradient_checkpointing = None
+        # On unless told otherwise, as ms-swift. transformers >= 5.21 calls it activation_checkpointing and warns
+        # on ms-swift's name, so the value moves to the new field (without the warning) where there is one.
+        new_name = getattr(self, "activation_checkpointing", None)
+        if self.gradient_checkpointing is None and new_name is None:
+            self.gradient_checkpointing = True
+        if hasattr(self, "activation_checkpointing"):
+            self.activation_checkpointing = self.gradient_checkpointing if new_name is None else new_name
+            self.gradient_checkpointing = None  # transformers mirrors the new field into it
         super().__post_init__()
 
 
