@@ -40,7 +40,19 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """ms-swift's dataset syntax (swift/dataset/dataset_syntax.py): [hf::|ms::]ID_OR_PATH[:SUBSET[/SUBSET...]][#N]."""
+    """ms-swift's dataset syntax (swift/dataset/dataset_syntax.py): [hf::|ms::]ID_OR_PATH[:SUBSET[/SUBSET...]][#N].
+
+    Parsed as ms-swift parses it: before each cut (the hub prefix, then '#N', then ':SUBSET') the text left is
+    checked against the disk, and an existing path is taken whole, so a path may hold '::', '#' or ':'
+    (`hf::runs/a#1` where runs/a#1 exists is that path). Where ms-swift would silently misread a spec, gkd
+    refuses it in one line instead:
+    - hub prefixes are `hf::` and `ms::` (any case). ms-swift drops any other `X::` without a word and loads
+      the rest from the default hub (`huggingface::org/name` would go to ModelScope); gkd names the prefix,
+      unless the text with its '::' is an existing path once '#N' / ':SUBSET' are cut (`x::y.jsonl#4`).
+    - a subset on an existing local path: ms-swift ignores it for a file (it reads the file whole) and for a
+      folder passes it to datasets as a config name, which gkd's folder reading (its data files) has no use
+      for; either way the subset would be dropped, so gkd refuses it.
+    """
 
     source: str  # a local file or folder, or a hub dataset id
     subset: str | None = None  # 'a/b' names several subsets
@@ -49,20 +61,28 @@ class DatasetSpec:
 
     @classmethod
     def parse(cls, text: str) -> "DatasetSpec":
-        if os.path.exists(os.path.expanduser(text)):  # a real path may hold '#' or ':'
+        def exists(path: str) -> bool:
+            return os.path.exists(os.path.expanduser(path))
+
+        if exists(text):  # a real path may hold '::', '#' or ':'
             return cls(source=text)
-        source, count, use_hf = text, None, None
+        source, count, use_hf, subset = text, None, None, None
         hub, separator, rest = source.partition("::")
         if separator and hub.lower() in ("hf", "ms"):
             source, use_hf = rest, hub.lower() == "hf"
-        if "#" in source:
+        if not exists(source) and "#" in source:
             source, _, count_text = source.rpartition("#")
             if not count_text.isdigit() or int(count_text) == 0:
                 raise GKDUserError(f"--dataset {text}: '#{count_text}' must be a positive row count, e.g. #1000")
             count = int(count_text)
-        subset = None
-        if not os.path.exists(source) and ":" in source:
+        if not exists(source) and ":" in source:
             source, _, subset = source.partition(":")
+            if subset and exists(source):
+                kind = "folder" if os.path.isdir(os.path.expanduser(source)) else "file"
+                raise GKDUserError(f"--dataset {text}: a local {kind} takes no subset (drop ':{subset}')")
+        if use_hf is None and separator and not exists(source):
+            raise GKDUserError(f"--dataset {text}: unknown hub prefix '{hub}::'; use hf:: (Hugging Face Hub), "
+                               "ms:: (ModelScope) or none (--use_hf decides)")
         return cls(source=source, subset=subset or None, count=count, use_hf=use_hf)
 
     def looks_local(self) -> bool:

@@ -9,7 +9,7 @@ needs batch size 1 (modeling_flash_attention_utils._is_packed_sequence) - so one
 for every implementation.
 
 Packing (ms-swift's --packing, packing_strategy 'binpack'): before training, the examples are grouped
-into bins of at most packing_length tokens (prompt + dataset completion) by first-fit decreasing; one
+into bins of at most packing_length tokens (prompt + dataset completion) by best-fit decreasing; one
 dataloader item is a bin, so per_device_train_batch_size counts bins; the collator flattens the bins of
 a micro-batch back into rows, which then run padding-free as above: a micro-batch of B bins is ONE
 sequence of all their rows (not B padded rows: flash attention's varlen path wants batch size 1, and
@@ -17,6 +17,8 @@ padding bins to the longest would bring padding back). Sources, generation and l
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 
@@ -50,30 +52,44 @@ def example_length(example: dict) -> int:
 
 
 def pack_examples(examples: list[dict], packing_length: int) -> list[dict]:
-    """Group examples into bins of at most packing_length tokens (prompt + dataset completion), first-fit
-    decreasing; each bin is {"packed_examples": [example, ...]}. An example longer than packing_length
-    gets a bin of its own. Deterministic: the same examples give the same bins.
+    """Group examples into bins of at most packing_length tokens (prompt + dataset completion); each bin is
+    {"packed_examples": [example, ...]}, bins in the order they were opened, rows within a bin in dataset
+    order. An example longer than packing_length gets a bin of its own.
+
+    Strategy: best-fit decreasing. Examples go longest first (ties: dataset order), each into the open bin
+    with the LEAST room that still fits it (ties: the bin opened first), else into a new bin. The open bins
+    are a list sorted by (room, bin number), searched with bisect, so n examples cost O(n log n) comparisons
+    (plus the list's memmove on insertion, a few thousand pointers); first fit scanned every bin per
+    example, ~1e9 steps for 114k rows at 8192 tokens. ms-swift's packing_strategy 'binpack' calls the
+    binpacking package's to_constant_volume, also a decreasing heuristic; the bins need not be the same as
+    its, only as full: best-fit decreasing needs at most 11/9 of the optimal bin count (plus one) and, for
+    many rows short next to packing_length, comes within a percent of the lower bound
+    ceil(total tokens / packing_length).
+    Deterministic: no randomness and no hashing, so the same examples give the same bins.
 
     The bound holds for the dataset's completions only: a completion generated during training (the
     student's, or the teacher's with --seq_kd) replaces the dataset's and may make its bin longer than
     packing_length (up to --max_completion_length per row). That is allowed: the bin only decides which
     rows share a micro-batch, and a padding-free sequence has no fixed width."""
-    if not isinstance(packing_length, int) or packing_length < 1:
+    if not isinstance(packing_length, int) or isinstance(packing_length, bool) or packing_length < 1:
         raise GKDUserError(f"--packing_length {packing_length}: must be a positive number of tokens")
-    order = sorted(range(len(examples)), key=lambda index: (-example_length(examples[index]), index))
+    lengths = [example_length(example) for example in examples]
+    order = sorted(range(len(examples)), key=lambda index: (-lengths[index], index))
+    smallest = min(lengths, default=0)
     bins: list[list[int]] = []
-    room: list[int] = []
+    open_bins: list[tuple[int, int]] = []  # (room left, bin number), sorted: bisect finds the best fit
     for index in order:
-        length = example_length(examples[index])
-        for slot, free in enumerate(room):  # first fit; a few thousand bins at most per dataset
-            if length <= free:
-                bins[slot].append(index)
-                room[slot] -= length
-                break
+        length = lengths[index]
+        slot = bisect.bisect_left(open_bins, (length, -1))  # the least room >= length, earliest bin first
+        if slot < len(open_bins):
+            room, number = open_bins.pop(slot)
+            bins[number].append(index)
+            room -= length
         else:
+            number, room = len(bins), packing_length - length  # negative for an over-long example: closed
             bins.append([index])
-            room.append(packing_length - length)
-    # within a bin, rows keep the dataset's order
+        if room >= smallest:  # a bin no remaining example fits is closed for good
+            bisect.insort(open_bins, (room, number))
     return [{PACKED_KEY: [examples[index] for index in sorted(members)]} for members in bins]
 
 

@@ -35,6 +35,45 @@ def test_spec_syntax(tmp_path):
         DatasetSpec.parse("data.jsonl#ten")
 
 
+def test_spec_a_path_is_checked_again_after_each_cut(tmp_path, monkeypatch):
+    # ms-swift checks the disk before each cut: after the hub prefix, then after '#N'
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "some_dir#1").mkdir()
+    assert DatasetSpec.parse("hf::some_dir#1") == DatasetSpec("some_dir#1", None, None, use_hf=True)
+    assert DatasetSpec.parse("ms::some_dir#1#3") == DatasetSpec("some_dir#1", None, 3, use_hf=False)
+    (tmp_path / "a:b.jsonl").write_text("")
+    assert DatasetSpec.parse("HF::a:b.jsonl#2") == DatasetSpec("a:b.jsonl", None, 2, use_hf=True)
+    assert DatasetSpec.parse("ms::a:b.jsonl") == DatasetSpec("a:b.jsonl", None, None, use_hf=False)
+    (tmp_path / "x::y.jsonl").write_text("")  # an existing path keeps its '::'
+    assert DatasetSpec.parse("x::y.jsonl#4") == DatasetSpec("x::y.jsonl", None, 4)
+
+
+@pytest.mark.parametrize("text", ["huggingface::org/name", "modelscope::org/name:sub#3", "::org/name",
+                                  "org/name:sub::x"])
+def test_spec_other_hub_prefixes_are_refused_in_one_line(text):
+    # ms-swift drops any prefix but hf/ms silently and loads from the default hub
+    with pytest.raises(GKDUserError, match="unknown hub prefix") as error:
+        DatasetSpec.parse(text)
+    assert str(error.value).startswith(f"--dataset {text}: ") and "\n" not in str(error.value)
+
+
+def test_spec_a_subset_on_a_local_path_is_refused(tmp_path, monkeypatch):
+    # ms-swift reads a file whole and ignores the subset: gkd says so instead of dropping it
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text("")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(GKDUserError) as error:
+        DatasetSpec.parse("data.jsonl:sub")
+    assert str(error.value).startswith("--dataset data.jsonl:sub: a local file takes no subset")
+    with pytest.raises(GKDUserError, match="a local file takes no subset"):
+        DatasetSpec.parse("hf::data.jsonl:a/b#5")
+    with pytest.raises(GKDUserError, match="a local folder takes no subset"):
+        DatasetSpec.parse("folder:sub")
+    assert DatasetSpec.parse("data.jsonl:#2") == DatasetSpec("data.jsonl", None, 2)  # an empty subset is none
+    # a file that does not exist is not local by the disk: the subset stays (reading it then says no such file)
+    assert DatasetSpec.parse("missing.jsonl:sub") == DatasetSpec("missing.jsonl", "sub", None)
+
+
 def test_draw_rows_without_replacement_when_n_fits():
     rows = list(range(10))
     drawn = draw_rows(rows, 4, seed=1)
