@@ -26,11 +26,12 @@ from gkd.errors import GKDUserError
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "logging.jsonl"
+ARGS_FILE = "args.json"
 IMAGES_DIR = "images"
 PROGRESS_KEY = "global_step/max_steps"  # present on every on_log line, absent from the final summary line
 # What RunFolderCallback adds to each log line. ms-swift adds these after TensorBoard has seen the logs,
 # so they get no image there, and none here.
-ADDED_KEYS = {PROGRESS_KEY, "percentage", "elapsed_time", "remaining_time", "memory(GiB)", "train_speed(s/it)"}
+ADDED_KEYS = {PROGRESS_KEY, "elapsed_time", "remaining_time", "memory(GiB)", "train_speed(s/it)"}
 # The only tag ms-swift draws with a smoothed curve beside the raw one, and its weight.
 SMOOTHED_TAGS = {"train/loss"}
 SMOOTHING = 0.9
@@ -154,8 +155,12 @@ class RunFolderCallback(TrainerCallback):
     """Appends each log to `<run_dir>/logging.jsonl` with ms-swift's progress fields; at the end of training
     a summary line, then draws images/ from the file. Only the main process writes."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, arguments: dict | None = None, draw_images: bool = True):
+        """arguments: written to args.json when training starts, and into every checkpoint (ms-swift's
+        --load_args reads them there); draw_images: ms-swift draws images/ when it reports to tensorboard."""
         self.run_dir = run_dir
+        self.arguments = arguments
+        self.draw_images = draw_images
         self.log_path = os.path.join(run_dir, LOG_FILE)
         self.start_time = time.time()
         self.start_step = 0
@@ -163,6 +168,8 @@ class RunFolderCallback(TrainerCallback):
         self.last_checkpoint = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.arguments is not None and state.is_world_process_zero:
+            save_arguments(os.path.join(self.run_dir, ARGS_FILE), self.arguments)
         self.start_time = time.time()
         self.start_step = state.global_step  # a resumed run's speed counts only the steps it ran
 
@@ -176,6 +183,8 @@ class RunFolderCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         # Called once the checkpoint is on disk; Trainer names it checkpoint-<step> in args.output_dir.
         self.last_checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if self.arguments is not None and state.is_world_process_zero and os.path.isdir(self.last_checkpoint):
+            save_arguments(os.path.join(self.last_checkpoint, ARGS_FILE), self.arguments)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero:
@@ -187,7 +196,6 @@ class RunFolderCallback(TrainerCallback):
         steps_run = state.global_step - self.start_step
         speed = elapsed / steps_run if steps_run > 0 else 0.0
         record[PROGRESS_KEY] = f"{state.global_step}/{state.max_steps}"
-        record["percentage"] = f"{100 * state.global_step / max(state.max_steps, 1):.2f}%"
         record["elapsed_time"] = format_time(elapsed)
         record["remaining_time"] = format_time((state.max_steps - state.global_step) * speed)
         record["memory(GiB)"] = round(self.max_memory, 2)
@@ -205,7 +213,8 @@ class RunFolderCallback(TrainerCallback):
             "log_history": state.log_history,
             "memory": self.max_memory,
         })
-        plot_logs(self.run_dir)
+        if self.draw_images:
+            plot_logs(self.run_dir)
 
 
 # ----------------------------------------------------------------------------- images/

@@ -1,4 +1,5 @@
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -7,6 +8,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _hub_choice_restored(monkeypatch):
+    """gkd.hub.use_hf_hub writes its decision into USE_HF (as ms-swift does); each test starts, and leaves
+    the next one, with the variable as it found it."""
+    if "USE_HF" in os.environ:
+        monkeypatch.setenv("USE_HF", os.environ["USE_HF"])
+    else:
+        monkeypatch.delenv("USE_HF", raising=False)
 
 
 @pytest.fixture(scope="session")

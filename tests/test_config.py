@@ -336,3 +336,50 @@ def test_ms_swift_deepspeed_names_ship_with_ms_swift_contents():
     assert stages["zero2_offload"]["offload_optimizer"]["device"] == "cpu"
     assert stages["zero3_offload"]["offload_param"]["device"] == "cpu"
     assert stages["zero3"]["offload_param"]["device"] == "none"
+
+
+def test_infer_takes_ms_swift_older_backend_name_and_hub_flags(tmp_path):
+    from gkd.config.tools import parse_infer_config
+
+    args, _ = parse_infer_config(["--model", "Qwen/Qwen2.5-7B", "--val_dataset", "d.jsonl", "--result_path",
+                                  str(tmp_path / "r.jsonl"), "--infer_backend", "pt", "--use_hf", "true",
+                                  "--model_revision", "v1", "--model_type", "qwen2_5", "--template", "qwen2_5"])
+    assert (args.infer_backend, args.use_hf, args.model_revision) == ("transformers", True, "v1")
+
+
+@pytest.mark.parametrize("dtype, mixed", [(torch.bfloat16, "bf16"), (torch.float16, "fp16")])
+def test_mixed_precision_from_the_dtype_reaches_deepspeed(dtype, mixed):
+    """--torch_dtype (or the checkpoint's dtype) decides the precision after TrainingArguments filled
+    DeepSpeed's "auto" fields: they are filled again, with no mismatch left for transformers to raise."""
+    from gkd.config import SwiftTrainingArguments, deepspeed_config_path, set_mixed_precision
+
+    training = SwiftTrainingArguments(output_dir="unused", deepspeed=deepspeed_config_path("zero2"))
+    assert training.hf_deepspeed_config.config["bf16"]["enabled"] is False  # filled before the dtype was known
+    set_mixed_precision(training, dtype)
+    config = training.hf_deepspeed_config.config
+    assert (config["bf16"]["enabled"], config["fp16"]["enabled"]) == (mixed == "bf16", mixed == "fp16")
+    assert training.mixed_precision == mixed and not training.hf_deepspeed_config.mismatches
+    assert training.deepspeed_plugin.deepspeed_config["bf16"]["enabled"] == (mixed == "bf16")
+
+
+def test_deepspeed_equals_form_is_expanded_too(tmp_path):
+    from gkd.config.parsing import _expand_deepspeed_names, deepspeed_config_path
+
+    assert _expand_deepspeed_names(["--deepspeed=zero3", "--x"]) == ["--deepspeed", deepspeed_config_path("zero3"), "--x"]
+
+
+def test_evaluation_needs_validation_data_as_in_ms_swift(tmp_path):
+    """No validation data: no evaluation, whatever --eval_strategy says; no evaluation: no held-out rows;
+    --val_dataset replaces --split_dataset_ratio (ms-swift's sft_args.py _init_eval_strategy)."""
+    assert parse(tmp_path, "--eval_strategy", "steps").training.eval_strategy.value == "no"
+    no_eval = parse(tmp_path, "--split_dataset_ratio", "0.1", "--eval_strategy", "no")
+    assert no_eval.data.split_dataset_ratio == 0
+    held_out = parse(tmp_path, "--split_dataset_ratio", "0.1")
+    assert (held_out.data.split_dataset_ratio, held_out.training.eval_strategy.value) == (0.1, "steps")
+    with_val = parse(tmp_path, "--split_dataset_ratio", "0.1", "--val_dataset", "v.jsonl", "--eval_strategy", "epoch")
+    assert (with_val.data.split_dataset_ratio, with_val.training.eval_strategy.value) == (0, "epoch")
+
+
+def test_freeze_llm_on_a_text_model_would_train_nothing(tmp_path):
+    with pytest.raises(GKDUserError, match="^--freeze_llm true: freezes the whole language model"):
+        parse(tmp_path, "--freeze_llm", "true")

@@ -198,7 +198,7 @@ def test_callback_in_a_real_trainer_run(tmp_path):
     step_lines = [line for line in log_lines if "loss" in line]
     assert [line["loss"] for line in step_lines] == [round(entry["loss"], 8) for entry in history[:4]]
     assert [line["global_step/max_steps"] for line in log_lines] == ["1/4", "2/4", "3/4", "4/4", "4/4"]
-    assert [line["percentage"] for line in step_lines] == ["25.00%", "50.00%", "75.00%", "100.00%"]
+    assert not any("percentage" in line for line in step_lines)  # ms-swift writes none
     for line, entry in zip(log_lines, history):
         assert {key: line[key] for key in entry if key != "step"} == {
             key: round(value, 8) if isinstance(value, float) else value for key, value in entry.items() if key != "step"

@@ -12,4 +12,4 @@ python -m torch.distributed.run --nproc_per_node "${NPROC:-2}" -m gkd.cli.train 
     --lmbda 0.5 --beta 0.5 --max_completion_length "${MAX_NEW_TOKENS:-32}" \
     --per_device_train_batch_size 4 --gradient_accumulation_steps 2 --learning_rate 1e-4 \
     --max_steps "${MAX_STEPS:-100}" --logging_steps 10 --save_steps 50 \
-    --output_dir "${OUTPUT_DIR:-output/multi}" --overwrite_output_dir true "$@"
+    --output_dir "${OUTPUT_DIR:-output/multi}" "$@"

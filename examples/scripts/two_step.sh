@@ -15,4 +15,4 @@ gkd-train \
     --lmbda 0 --beta 0.5 \
     --per_device_train_batch_size 8 --learning_rate 1e-4 \
     --max_steps "${MAX_STEPS:-100}" --logging_steps 10 --save_steps 50 \
-    --output_dir "${OUTPUT_DIR:-output/two-step}" --overwrite_output_dir true "$@"
+    --output_dir "${OUTPUT_DIR:-output/two-step}" "$@"

@@ -16,4 +16,4 @@ torchrun --nproc_per_node "${NPROC:-1}" --master_port "${MASTER_PORT:-29500}" -m
     --sleep_level "${SLEEP_LEVEL:-0}" \
     --per_device_train_batch_size 8 --gradient_accumulation_steps 2 --learning_rate 1e-4 \
     --max_steps "${MAX_STEPS:-100}" --logging_steps 10 --save_steps 50 \
-    --output_dir "${OUTPUT_DIR:-output/vllm-colocate}" --overwrite_output_dir true "$@"
+    --output_dir "${OUTPUT_DIR:-output/vllm-colocate}" "$@"

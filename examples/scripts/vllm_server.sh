@@ -26,4 +26,4 @@ env ${TRAIN_GPUS:+CUDA_VISIBLE_DEVICES=$TRAIN_GPUS} torchrun --nproc_per_node "$
     --use_vllm true --vllm_mode server --vllm_server_port "$PORT" \
     --per_device_train_batch_size 8 --gradient_accumulation_steps 2 --learning_rate 1e-4 \
     --max_steps "${MAX_STEPS:-100}" --logging_steps 10 --save_steps 50 \
-    --output_dir "${OUTPUT_DIR:-output/vllm-server}" --overwrite_output_dir true "$@"
+    --output_dir "${OUTPUT_DIR:-output/vllm-server}" "$@"

@@ -4,6 +4,7 @@ import dataclasses
 import glob
 import logging
 import os
+import re
 import shutil
 import sys
 
@@ -11,7 +12,7 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from gkd.config import GKDConfig, parse_config, set_mixed_precision
-from gkd.config.training import default_torch_dtype
+from gkd.config.training import default_torch_dtype, student_weight_dtype
 from gkd.data import check_chat_template, load_examples, split_train_val
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
@@ -21,35 +22,61 @@ from gkd.models import (
     DTYPES, apply_lora, check_vocabularies, checkpoint_dtype, disable_dropout, generation_config, load_model,
     load_tokenizer, stop_token_ids, tokenizer_fingerprint,
 )
-from gkd.run_folder import RunFolderCallback, save_arguments, versioned_output_dir
+from gkd.run_folder import RunFolderCallback, versioned_output_dir
 
 logger = logging.getLogger("gkd")
 
 
-def start_run_folder(config: GKDConfig) -> str:
-    """ms-swift's layout: with --add_version (its default) the run writes into a new OUTPUT_DIR/vN-YYYYMMDD-HHMMSS
-    (so nothing of an earlier run is overwritten); args.json records every argument; TensorBoard writes to
-    <run>/runs. Needs the process group: rank 0 names the folder for all."""
+def run_arguments(config: GKDConfig) -> dict:
+    """Every argument of the run in one flat mapping, as ms-swift's args.json has them (tokens masked)."""
+    arguments = {}
+    for section in (config.model, config.data, config.gkd, config.tuner, config.vllm):
+        arguments.update(dataclasses.asdict(section))
+    arguments.update(config.training.to_dict())  # transformers masks --hub_token and the like here
+    return arguments
+
+
+def start_run_folder(config: GKDConfig) -> list[str]:
+    """ms-swift's layout: with --add_version (its default) the run writes into a new OUTPUT_DIR/vN-YYYYMMDD-HHMMSS,
+    so nothing of an earlier run is overwritten; TensorBoard writes to <run>/runs. Needs the process group:
+    rank 0 names the folder for all. Returns the folders this run created (for removal if it fails early)."""
     training = config.training
     base = training.output_dir
+    created = [folder for folder in (base,) if not os.path.exists(folder)]
     if config.gkd.add_version:
         training.output_dir = versioned_output_dir(base)
+        created.append(training.output_dir)
     else:
         os.makedirs(base, exist_ok=True)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(training.output_dir, "runs"))
-    if training.process_index == 0:
-        save_arguments(os.path.join(training.output_dir, "args.json"), dataclasses.asdict(config))
-    return training.output_dir
+    return created
+
+
+def remove_unfinished_run(config: GKDConfig, created: list[str]) -> None:
+    """After bad input found late: remove the folders this run created, unless a checkpoint was written."""
+    if config.training.process_index != 0:
+        return
+    for folder in reversed(created):
+        try:
+            if not any(name.startswith("checkpoint-") for name in os.listdir(folder)):
+                shutil.rmtree(folder) if folder == config.training.output_dir else os.rmdir(folder)
+        except OSError:  # not empty (another run's), or already gone
+            pass
 
 
 def checkpoint_to_resume(config: GKDConfig, base_output_dir: str) -> str | None:
     """--resume_from_checkpoint: a folder as given; 'true'/'last': the newest checkpoint of the newest run
-    under --output_dir (versioned runs each have their own folder)."""
+    under --output_dir (versioned runs each have their own folder, vN: the highest N is the newest)."""
     resume = config.training.resume_from_checkpoint
     if resume is None or resume.lower() not in ("true", "last"):
         return resume
-    runs = sorted(glob.glob(os.path.join(base_output_dir, "v*-*")), key=os.path.getmtime, reverse=True)
-    for folder in ([] if not config.gkd.add_version else runs) + [base_output_dir]:
+    versions = {}
+    for folder in glob.glob(os.path.join(base_output_dir, "v*")):
+        match = re.match(r"v(\d+)-", os.path.basename(folder))
+        if match and os.path.isdir(folder):
+            versions[folder] = int(match.group(1))
+    runs = sorted(versions, key=versions.get, reverse=True) if config.gkd.add_version else []
+    for folder in runs + [base_output_dir]:
         checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
         if checkpoint:
             return checkpoint
@@ -78,10 +105,13 @@ def make_student_engine(config: GKDConfig, student_dir: str, student, tokenizer,
                                 model=student, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
     from gkd.sampling.vllm_engine import VLLMEngine
 
-    # Without --vllm_max_model_len, vLLM holds the longest prompt (--max_length) and completion.
+    # Without --vllm_max_model_len, vLLM holds the longest prompt (--max_length) and completion, which can be
+    # far less KV cache than the model's whole context; never more than that context (vLLM refuses it).
     max_model_len = vllm.vllm_max_model_len
     if max_model_len is None and config.data.max_length is not None:
+        context = getattr(student.config.get_text_config(), "max_position_embeddings", None)
         max_model_len = config.data.max_length + config.gkd.max_completion_length
+        max_model_len = min(max_model_len, context) if context else max_model_len
     engine_args = dataclasses.replace(vllm, vllm_max_model_len=max_model_len)
     dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
     return VLLMEngine.from_arguments(
@@ -104,9 +134,7 @@ def train(config: GKDConfig) -> None:
     model_args, data_args, gkd_args, training = config.model, config.data, config.gkd, config.training
     set_seed(training.seed)
     _ = training.device  # forms the process group now: vLLM's colocated engine joins it
-    base_output_dir = training.output_dir
-    resume = checkpoint_to_resume(config, base_output_dir)
-    start_run_folder(config)
+    resume = checkpoint_to_resume(config, training.output_dir)
     _say_what_is_ignored(config)
 
     # Hub ids become local folders (ModelScope unless --use_hf), one download per machine.
@@ -127,22 +155,20 @@ def train(config: GKDConfig) -> None:
                          truncation_strategy=data_args.truncation_strategy, dataset_num_proc=data_args.dataset_num_proc,
                          load_from_cache_file=data_args.load_from_cache_file, enable_thinking=data_args.enable_thinking,
                          loss_scale=data_args.loss_scale)
-    train_examples = load_examples(
-        data_args.dataset, tokenizer, stop_ids, need_completions=need_completions,
-        reason_completions_needed=f"--lmbda {gkd_args.lmbda} with --seq_kd false", **data_settings,
-    )
-    if data_args.val_dataset:
+    with training.main_process_first(local=True, desc="tokenizing"):  # one process fills the cache
+        train_examples = load_examples(
+            data_args.dataset, tokenizer, stop_ids, need_completions=need_completions,
+            reason_completions_needed=f"--lmbda {gkd_args.lmbda} with --seq_kd false", **data_settings,
+        )
         eval_examples = load_examples(
             data_args.val_dataset, tokenizer, stop_ids, need_completions=True,
             reason_completions_needed="the evaluation loss on --val_dataset", **data_settings,
-        )
-    elif data_args.split_dataset_ratio > 0:  # ms-swift holds out a seeded share (ignored with --val_dataset)
+        ) if data_args.val_dataset else None
+    if not data_args.val_dataset and data_args.split_dataset_ratio > 0:  # ms-swift holds out a seeded share
         train_examples, eval_examples = split_train_val(train_examples, data_args.split_dataset_ratio, data_seed)
         if any(example["completion_ids"] is None for example in eval_examples):
             raise GKDUserError(f"--split_dataset_ratio {data_args.split_dataset_ratio}: the held-out rows need "
                                "completions for the evaluation loss, and some have none")
-    else:
-        eval_examples = None
     logger.info("%d training rows, %d evaluation rows", len(train_examples), len(eval_examples or []))
     if data_args.packing:  # ms-swift's --packing: a training sample is a bin of rows
         train_examples = pack_examples(train_examples, data_args.packing_length or data_args.max_length)
@@ -155,7 +181,8 @@ def train(config: GKDConfig) -> None:
     else:
         dtype = default_torch_dtype(checkpoint_dtype(student_dir, model_args.trust_remote_code))
     set_mixed_precision(training, dtype)
-    student = load_model(student_dir, dtype, model_args.attn_impl, model_args.trust_remote_code, "--model")
+    student = load_model(student_dir, student_weight_dtype(dtype, training), model_args.attn_impl,
+                         model_args.trust_remote_code, "--model")
     teacher = load_model(teacher_dir, dtype, model_args.attn_impl, model_args.trust_remote_code, "--teacher_model")
     disable_dropout(student)
     compared_vocab_size = check_vocabularies(tokenizer, _teacher_tokenizer(teacher_dir, config), student, teacher,
@@ -163,18 +190,24 @@ def train(config: GKDConfig) -> None:
     if config.tuner.tuner_type == "lora":
         student = apply_lora(student, config.tuner)
 
-    trainer = GKDTrainer(
-        model=student, teacher_model=teacher, args=training, gkd_args=gkd_args,
-        stop_token_ids=stop_ids, compared_vocab_size=compared_vocab_size,
-        train_dataset=train_examples, eval_dataset=eval_examples, processing_class=tokenizer,
-        student_engine=make_student_engine(config, student_dir, student, tokenizer, dtype),
-        padding_free=data_args.padding_free, packing=data_args.packing, log_completions=gkd_args.log_completions,
-        callbacks=[RunFolderCallback(training.output_dir)],
-    )
+    created = start_run_folder(config)
     try:
+        trainer = GKDTrainer(
+            model=student, teacher_model=teacher, args=training, gkd_args=gkd_args,
+            stop_token_ids=stop_ids, compared_vocab_size=compared_vocab_size,
+            train_dataset=train_examples, eval_dataset=eval_examples, processing_class=tokenizer,
+            student_engine=make_student_engine(config, student_dir, student, tokenizer, dtype),
+            padding_free=data_args.padding_free, packing=data_args.packing, log_completions=gkd_args.log_completions,
+            callbacks=[RunFolderCallback(training.output_dir, run_arguments(config),
+                                         draw_images="tensorboard" in training.report_to)],
+        )
         trainer.train(resume_from_checkpoint=resume)
+    except GKDUserError:
+        remove_unfinished_run(config, created)
+        raise
     except ValueError as error:
         if resume and "checkpoint" in str(error).lower():
+            remove_unfinished_run(config, created)
             raise GKDUserError(f"--resume_from_checkpoint {training.resume_from_checkpoint}: {error}") from None
         raise
 
@@ -190,18 +223,6 @@ def train(config: GKDConfig) -> None:
         logger.info("saved the distilled student to %s", training.output_dir)
 
 
-def _remove_unfinished_run(run_dir: str, existed_before: set[str]) -> None:
-    """Remove the run folder (and the --output_dir made for it) when this run made it and wrote no checkpoint."""
-    if run_dir in existed_before or not os.path.isdir(run_dir):
-        return
-    if any(name.startswith("checkpoint-") for name in os.listdir(run_dir)):
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    parent = os.path.dirname(run_dir)
-    if parent not in existed_before and os.path.isdir(parent) and not os.listdir(parent):
-        os.rmdir(parent)
-
-
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run_under_torchrun_if_asked("gkd.cli.train", argv, "gkd-train")
@@ -212,17 +233,11 @@ def main(argv: list[str] | None = None) -> None:
         # forms the gloo group only when told it trains on the CPU (accelerate launch says "False").
         if not torch.cuda.is_available():
             os.environ["ACCELERATE_USE_CPU"] = "true"
-    config, existed_before = None, set()
     try:
-        config = parse_config(argv)
-        base = config.training.output_dir
-        existed_before = {base, *(os.path.join(base, name) for name in os.listdir(base))} if os.path.isdir(base) \
-            else set()
-        train(config)
+        # Bad input leaves nothing behind: the run folder is made once data and models have loaded, and
+        # removed again if the trainer refuses what it was given (checkpoints, once written, are kept).
+        train(parse_config(argv))
     except GKDUserError as error:
-        # Bad input leaves nothing behind that this run made; checkpoints, once written, are kept.
-        if config is not None:
-            _remove_unfinished_run(config.training.output_dir, existed_before)
         print(f"gkd-train: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

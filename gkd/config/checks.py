@@ -12,8 +12,8 @@ from transformers import TrainingArguments
 from gkd.config.arguments import GKDConfig, VLLMEngineArguments
 from gkd.errors import GKDUserError
 from gkd.packing import check_padding_free
+from gkd.tokenize import LOSS_SCALES
 
-LOSS_SCALES = ("last_round", "default")
 
 
 def check_vllm_engine_arguments(args: VLLMEngineArguments) -> list[str | None]:
@@ -44,6 +44,8 @@ def missing_capabilities(config: GKDConfig) -> list[str | None]:
         f"--max_turns {gkd.max_turns}: multi-turn rollouts are not supported by gkd-train yet",
         None if model.teacher_model or not model.model else
         "--teacher_model is required: self-distillation (the student as its own teacher) is not supported yet",
+        None if not config.tuner.freeze_llm else
+        "--freeze_llm true: freezes the whole language model of a text-only student, leaving nothing to distil",
         None if data.loss_scale in LOSS_SCALES else
         f"--loss_scale {data.loss_scale}: gkd supports {' and '.join(LOSS_SCALES)}",
     ]

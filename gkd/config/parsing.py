@@ -6,17 +6,21 @@ same keys; flags on the command line win. Errors are one line, naming the YAML l
 
 import argparse
 import importlib.util
+import logging
 import os
 import sys
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.trainer_utils import IntervalStrategy
 
 from gkd.config.arguments import (DataArguments, GKDArguments, GKDConfig, ModelArguments, TunerArguments,
                                   VLLMArguments)
 from gkd.config.checks import check_config
 from gkd.config.training import SwiftTrainingArguments, derived_defaults
 from gkd.errors import GKDUserError
+
+logger = logging.getLogger(__name__)
 
 ARGUMENT_CLASSES = (GKDArguments, ModelArguments, DataArguments, TunerArguments, VLLMArguments,
                     SwiftTrainingArguments)
@@ -106,8 +110,15 @@ def deepspeed_config_path(value: str) -> str:
 
 
 def _expand_deepspeed_names(argv: list[str]) -> list[str]:
-    return [deepspeed_config_path(token) if index and argv[index - 1] == "--deepspeed" else token
-            for index, token in enumerate(argv)]
+    """--deepspeed NAME and --deepspeed=NAME become --deepspeed PATH."""
+    expanded = []
+    for token in argv:
+        if token.startswith("--deepspeed="):
+            expanded += ["--deepspeed", token.split("=", 1)[1]]
+        else:
+            expanded.append(token)
+    return [deepspeed_config_path(token) if index and expanded[index - 1] == "--deepspeed" else token
+            for index, token in enumerate(expanded)]
 
 
 def parse_dataclasses(parser: HfArgumentParser, argv: list[str] | None) -> tuple[list, dict[str, str]]:
@@ -150,4 +161,22 @@ def parse_config(argv: list[str] | None = None, prog: str = "gkd-train") -> GKDC
     (gkd, model, data, tuner, vllm, training), origin = parse_dataclasses(build_parser(prog=prog), argv)
     config = GKDConfig(model=model, data=data, gkd=gkd, tuner=tuner, vllm=vllm, training=training)
     check_config(config, origin)
+    settle_evaluation(config)
     return config
+
+
+def settle_evaluation(config: GKDConfig) -> None:
+    """As ms-swift (sft_args.py _init_eval_strategy): no validation data means no evaluation, whatever
+    --eval_strategy says; no evaluation means no rows held out by --split_dataset_ratio; --val_dataset
+    replaces the split."""
+    data, training = config.data, config.training
+    if data.val_dataset:
+        data.split_dataset_ratio = 0.0
+    if not data.val_dataset and not data.split_dataset_ratio and training.eval_strategy != IntervalStrategy.NO:
+        logger.info("--eval_strategy %s: no validation data (--val_dataset, --split_dataset_ratio), so no evaluation",
+                    training.eval_strategy.value)
+        training.eval_strategy = IntervalStrategy.NO
+    if training.eval_strategy == IntervalStrategy.NO and data.split_dataset_ratio:
+        logger.info("--split_dataset_ratio %s: no evaluation (--eval_strategy no), so no rows are held out",
+                    data.split_dataset_ratio)
+        data.split_dataset_ratio = 0.0

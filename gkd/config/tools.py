@@ -31,8 +31,8 @@ class InferArguments:
     result_path: str | None = field(
         default=None, metadata={"help": "Output JSONL. Running again after a crash resumes it."}
     )
-    infer_backend: Literal["transformers", "vllm"] = field(
-        default="transformers", metadata={"help": "Sampling engine."}
+    infer_backend: Literal["transformers", "vllm", "pt"] = field(
+        default="transformers", metadata={"help": "Sampling engine (pt: ms-swift's older name of transformers)."}
     )
     max_new_tokens: int = field(default=512, metadata={"help": "Most tokens per response.",
                                                        "aliases": ["--max_completion_length"]})
@@ -74,6 +74,8 @@ def parse_infer_config(argv: list[str] | None = None) -> tuple[InferArguments, V
         in_range("write_batch_size", args.write_batch_size, 1, inf),
         *check_vllm_engine_arguments(engine),
     ], origin)
+    if args.infer_backend == "pt":  # ms-swift 3's name, still accepted by ms-swift 4
+        args.infer_backend = "transformers"
     if args.top_k is not None and args.top_k <= 0:
         args.top_k = None  # -1 and 0: off, as None (a resumed result file compares settings)
     return args, engine

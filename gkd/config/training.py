@@ -146,5 +146,25 @@ def set_mixed_precision(training: TrainingArguments, dtype: torch.dtype) -> None
         training.bf16 = dtype == torch.bfloat16
         training.fp16 = not training.bf16
     training.mixed_precision = "fp16" if training.fp16 else "bf16" if training.bf16 else "no"
-    if training.deepspeed:  # its "auto" fields were filled from the flags before these were known
+    # TrainingArguments filled DeepSpeed's "auto" precision fields before the precision was known: fill them
+    # again from scratch, as its __post_init__ does (a second pass over filled fields would only report a
+    # mismatch, which transformers raises when training starts).
+    if training.deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        training.hf_deepspeed_config = HfTrainerDeepSpeedConfig(training.deepspeed)
         training.hf_deepspeed_config.trainer_config_process(training)
+        training.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=training.hf_deepspeed_config)
+    elif training.deepspeed_plugin is not None:  # accelerate launch's DeepSpeed config
+        from accelerate.utils import DeepSpeedPlugin
+
+        training.deepspeed_plugin = DeepSpeedPlugin()
+        training.deepspeed_plugin.set_mixed_precision(training.mixed_precision)
+        training.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def student_weight_dtype(dtype: torch.dtype, training: TrainingArguments) -> torch.dtype:
+    """fp16 mixed precision keeps float32 master weights: its gradient scaler refuses float16 gradients
+    (ms-swift upcasts trainable float16 parameters likewise); every other dtype trains as loaded."""
+    return torch.float32 if dtype == torch.float16 and training.fp16 else dtype
