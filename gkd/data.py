@@ -22,9 +22,7 @@ import torch
 
 from gkd.errors import GKDUserError
 from gkd.hub import load_hub_dataset, looks_local, use_hf_hub
-from gkd.tokenize import (  # noqa: F401  (tokenization lived here; callers import these from gkd.data)
-    check_chat_template, check_loss_scale, cut_at_stop, tokenize_messages, tokenize_records, truncate,
-)
+from gkd.tokenize import check_loss_scale, tokenize_records
 
 logger = logging.getLogger(__name__)
 

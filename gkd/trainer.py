@@ -93,7 +93,7 @@ class GKDTrainer(Trainer):
             if log_completions else None
         if self.completion_log is not None:
             self.add_callback(_FlushCompletionLog(self))
-        self._step_samples = []  # per micro-batch of the step: (global indices, sources, prompts, completions)
+        self._step_samples = []  # per micro-batch of the step: (step, global indices, sources, prompts, completions)
         self.pad_token_id = pad_token_id(self.processing_class)
         self.vocab_size = len(self.processing_class)  # ids at or past it are the output layers' padding
 

@@ -11,13 +11,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _hub_choice_restored(monkeypatch):
-    """gkd.hub.use_hf_hub writes its decision into USE_HF (as ms-swift does); each test starts, and leaves
-    the next one, with the variable as it found it."""
-    if "USE_HF" in os.environ:
-        monkeypatch.setenv("USE_HF", os.environ["USE_HF"])
+def _hub_choice_restored():
+    """gkd.hub.use_hf_hub writes its decision into USE_HF (as ms-swift does); each test leaves the variable
+    as it found it (monkeypatch.delenv of an absent variable records nothing to undo)."""
+    before = os.environ.get("USE_HF")
+    yield
+    if before is None:
+        os.environ.pop("USE_HF", None)
     else:
-        monkeypatch.delenv("USE_HF", raising=False)
+        os.environ["USE_HF"] = before
 
 
 @pytest.fixture(scope="session")

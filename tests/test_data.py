@@ -9,10 +9,10 @@ import torch
 
 from conftest import write_jsonl
 from gkd.data import (
-    IGNORE_INDEX, DatasetSpec, build_batch, check_chat_template, collate_examples, cut_at_stop, draw_rows,
-    load_examples, read_rows, row_to_messages, split_prompt_completion, split_train_val, tokenize_messages,
-    truncate,
+    IGNORE_INDEX, DatasetSpec, build_batch, collate_examples, draw_rows, load_examples, read_rows, row_to_messages,
+    split_prompt_completion, split_train_val,
 )
+from gkd.tokenize import check_chat_template, cut_at_stop, tokenize_messages, truncate
 from gkd.errors import GKDUserError
 
 USER_ASSISTANT = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]

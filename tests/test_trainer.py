@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from gkd.config import GKDArguments
-from gkd.data import IGNORE_INDEX, build_batch, tokenize_messages
+from gkd.data import IGNORE_INDEX, build_batch
+from gkd.tokenize import tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.losses import generalized_jsd_loss
 from gkd.models import check_vocabularies, output_vocab_size

@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM, FalconH1Config, FalconH1ForCausalLM, LlamaForCausalLM, TrainingArguments
 
 from gkd.config import GKDArguments
-from gkd.data import IGNORE_INDEX, build_batch, tokenize_messages
+from gkd.data import IGNORE_INDEX, build_batch
+from gkd.tokenize import tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.losses import LossBatch, LossSettings, choose_loss_impl, generalized_jsd_loss, make_loss
 from gkd.trainer import GKDTrainer

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traini
 
 from conftest import REPO, free_port
 from gkd.config import GKDArguments
-from gkd.data import tokenize_messages
+from gkd.tokenize import tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.models import tokenizer_fingerprint
 from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine, derive_seed

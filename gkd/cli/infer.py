@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 
 from gkd.config import VLLMEngineArguments
 from gkd.config.tools import InferArguments, parse_infer_config
-from gkd.data import DatasetSpec, check_chat_template, read_rows, row_to_messages, split_prompt_completion, tokenize_messages
+from gkd.data import DatasetSpec, read_rows, row_to_messages, split_prompt_completion
+from gkd.tokenize import check_chat_template, tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
 from gkd.launch import run_under_torchrun_if_asked
@@ -122,8 +123,16 @@ def infer(args: InferArguments, engine_args: VLLMEngineArguments) -> None:
     # cpu=True is what lets accelerate form a gloo group when torchrun starts several CPU processes.
     state = PartialState(cpu=not torch.cuda.is_available())
     check_result_path(args.result_path)
-    with state.main_process_first():  # one download; the other processes then find it in the cache
+    # One download per machine: the other processes wait, then find it in the cache. (accelerate's
+    # main_process_first would leave them waiting forever if the download failed.)
+    first = state.is_local_main_process
+    if not first:
+        state.wait_for_everyone()
+    try:
         args.model = resolve_model(args.model, use_hf=use_hf_hub(args.use_hf), revision=args.model_revision)
+    finally:
+        if first:
+            state.wait_for_everyone()
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     check_chat_template(tokenizer, args.model)
     samples = list_samples(args)

@@ -13,7 +13,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from gkd.config import GKDConfig, parse_config, set_mixed_precision
 from gkd.config.training import default_torch_dtype, student_weight_dtype
-from gkd.data import check_chat_template, load_examples, split_train_val
+from gkd.data import load_examples, split_train_val
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
 from gkd.launch import run_under_torchrun_if_asked
@@ -23,6 +23,7 @@ from gkd.models import (
     load_tokenizer, stop_token_ids, tokenizer_fingerprint,
 )
 from gkd.run_folder import RunFolderCallback, versioned_output_dir
+from gkd.tokenize import check_chat_template
 
 logger = logging.getLogger("gkd")
 

@@ -183,6 +183,11 @@ class GKDArguments:
         default=False,
         metadata={"help": "With --gkd_logits_topk: add a bucket holding each side's probability outside the K."},
     )
+    offload_teacher_model: bool = field(
+        default=False,
+        metadata={"help": "Keep the teacher in CPU memory, moving it to the device only for its forwards and "
+                  "generations (slower; frees its device memory for the student)."},
+    )
     log_completions: bool = field(
         default=False,
         metadata={"help": "Write every trained sample's prompt, completion, source and loss to completions.jsonl "
@@ -215,11 +220,6 @@ class GKDArguments:
     def __post_init__(self):
         if self.loss_temperature is None:
             self.loss_temperature = self.temperature  # ms-swift divides the loss's logits by --temperature
-    offload_teacher_model: bool = field(
-        default=False,
-        metadata={"help": "Keep the teacher in CPU memory, moving it to the device only for its forwards and "
-                  "generations (slower; frees its device memory for the student)."},
-    )
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from gkd.data import cut_at_stop
+from gkd.tokenize import cut_at_stop
 from gkd.sampling.base import SamplingEngine, SamplingSettings
 
 

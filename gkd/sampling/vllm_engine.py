@@ -16,7 +16,7 @@ import torch
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-from gkd.data import cut_at_stop
+from gkd.tokenize import cut_at_stop
 from gkd.errors import GKDUserError
 from gkd.sampling.base import SamplingEngine, SamplingSettings
 
