@@ -8,7 +8,6 @@ already has LOCAL_RANK set and runs as it is.
 
 import os
 import shlex
-import subprocess
 import sys
 
 from gkd.errors import GKDUserError
@@ -19,8 +18,8 @@ TORCHRUN_VARIABLES = (("NPROC_PER_NODE", "--nproc_per_node"), ("MASTER_PORT", "-
 INTEGER_VARIABLES = {"NPROC_PER_NODE": 1, "MASTER_PORT": 1, "NNODES": 1, "NODE_RANK": 0}  # name -> smallest
 
 
-def torchrun_command(module: str, argv: list[str]) -> list[str] | None:
-    """The torchrun command that runs `module` with argv in several processes, or None when this process
+def torchrun_arguments(module: str, argv: list[str]) -> list[str] | None:
+    """torchrun's arguments that run `module` with argv in several processes, or None when this process
     should run as it is (no NPROC_PER_NODE / NNODES, or already started by a launcher)."""
     if "LOCAL_RANK" in os.environ or not (os.environ.get("NPROC_PER_NODE") or os.environ.get("NNODES")):
         return None
@@ -32,20 +31,37 @@ def torchrun_command(module: str, argv: list[str]) -> list[str] | None:
         if variable in INTEGER_VARIABLES and not (value.isdigit() and int(value) >= INTEGER_VARIABLES[variable]):
             raise GKDUserError(f"{variable}={value}: must be an integer >= {INTEGER_VARIABLES[variable]}")
         flags += [flag, value]
-    return [sys.executable, "-m", "torch.distributed.run", *flags, "-m", module, *argv]
+    return [*flags, "-m", module, *argv]
+
+
+def torchrun_command(module: str, argv: list[str]) -> list[str] | None:
+    """The same as a command line, as ms-swift prints it."""
+    arguments = torchrun_arguments(module, argv)
+    return None if arguments is None else [sys.executable, "-m", "torch.distributed.run", *arguments]
 
 
 def run_under_torchrun_if_asked(module: str, argv: list[str] | None, program: str) -> None:
-    """Re-run this command under torchrun when NPROC_PER_NODE or NNODES asks for it; exit with its code."""
+    """Re-run this command under torchrun when NPROC_PER_NODE or NNODES asks for it; exit with its code.
+
+    torchrun runs in this process: when a process fails, its own one-line error is what the user reads,
+    not torchrun's report (a traceback of the launcher, naming the ranks and exit codes)."""
     try:
-        command = torchrun_command(module, sys.argv[1:] if argv is None else list(argv))
+        arguments = torchrun_arguments(module, sys.argv[1:] if argv is None else list(argv))
     except GKDUserError as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         sys.exit(2)
-    if command is None:
+    if arguments is None:
         return
-    print(f"{program}: running {shlex.join(command)}", file=sys.stderr)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    print(f"{program}: running {shlex.join(torchrun_command(module, arguments[arguments.index('-m') + 2:]))}",
+          file=sys.stderr)
     try:
-        sys.exit(subprocess.call(command))
+        run(parse_args(arguments))
+    except ChildFailedError as failure:
+        codes = sorted({error.exitcode for error in failure.failures.values()})
+        sys.exit(codes[-1] if codes and codes[-1] > 0 else 1)
     except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its processes
         sys.exit(130)
+    sys.exit(0)

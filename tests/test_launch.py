@@ -1,6 +1,7 @@
 """NPROC_PER_NODE and friends start torchrun as ms-swift does (the end-to-end runs are in test_cli.py and
 test_infer.py)."""
 
+import os
 import subprocess
 import sys
 
@@ -37,3 +38,16 @@ def test_a_bad_value_is_one_line(monkeypatch):
     result = subprocess.run([sys.executable, "-m", "gkd.cli.train", "--help"], capture_output=True, text=True,
                             env={"PATH": "/usr/bin:/bin", "NPROC_PER_NODE": "0"}, timeout=120)
     assert result.returncode == 2 and result.stderr == "gkd-train: error: NPROC_PER_NODE=0: must be an integer >= 1\n"
+
+
+def test_a_failing_run_under_nproc_per_node_ends_in_its_own_line_not_a_launcher_traceback(tmp_path, tiny):
+    """Bad data under NPROC_PER_NODE=2: each process says what is wrong in one line, the launcher adds no
+    traceback of its own, and the exit code is the processes' (2)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gkd.cli.train", "--model", tiny / "student", "--teacher_model", tiny / "teacher",
+         "--dataset", tiny / "data" / "prompts.jsonl", "--output_dir", tmp_path / "out", "--report_to", "none"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "NPROC_PER_NODE": "2"})
+    assert result.returncode == 2
+    errors = {line for line in result.stderr.splitlines() if line.startswith("gkd-train: error:")}
+    assert len(errors) == 1 and "prompts.jsonl:1: the row has no assistant completion" in errors.pop()
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
