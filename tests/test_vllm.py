@@ -505,4 +505,5 @@ def test_example_scripts_run(tmp_path, tiny, script):
     result = subprocess.run(["bash", f"examples/scripts/{script}.sh", *engine_flags.split(), "--save_steps", "2"],
                             cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "out" / "model.safetensors").exists()
+    (run_folder,) = (tmp_path / "out").glob("v0-*")  # ms-swift's versioned layout
+    assert (run_folder / "model.safetensors").exists()
