@@ -13,7 +13,7 @@ import importlib
 import os
 from itertools import chain
 
-from gkd.errors import GKDUserError
+from gkd.errors import GKDUserError, first_line
 
 TRUE_WORDS = ("1", "true", "yes", "y", "t", "on")  # transformers' strtobool, which ms-swift reads USE_HF with
 FALSE_WORDS = ("0", "false", "no", "n", "f", "off")
@@ -49,11 +49,6 @@ def looks_local(name: str) -> bool:
     return os.path.exists(os.path.expanduser(name)) or name.startswith(("/", "./", "../", "~"))
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _hub_name(use_hf: bool) -> str:
     return HUGGING_FACE if use_hf else MODELSCOPE
 
@@ -75,7 +70,7 @@ def _client(use_hf: bool, flag: str, name: str, module: str, attribute: str, pac
     try:
         return getattr(client, attribute)
     except (ImportError, RuntimeError) as error:  # modelscope imports its parts lazily: a missing dependency
-        reason = _first_line(error.__cause__ or error)  # of MsDataset (the [datasets] extra) surfaces here
+        reason = first_line(error.__cause__ or error)  # of MsDataset (the [datasets] extra) surfaces here
         raise GKDUserError(
             f"{flag} {name}: cannot import {module}.{attribute} ({reason}): {install} "
             f"(or {_other_hub_hint(use_hf)})"
@@ -84,7 +79,7 @@ def _client(use_hf: bool, flag: str, name: str, module: str, attribute: str, pac
 
 def _hub_failed(flag: str, name: str, use_hf: bool, action: str, error: BaseException) -> GKDUserError:
     return GKDUserError(
-        f"{flag} {name}: {_hub_name(use_hf)} {action} failed ({_first_line(error)}); "
+        f"{flag} {name}: {_hub_name(use_hf)} {action} failed ({first_line(error)}); "
         f"pass a local folder, or {_other_hub_hint(use_hf)}"
     )
 

@@ -7,23 +7,18 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from gkd.errors import GKDUserError
+from gkd.errors import GKDUserError, first_line
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--model"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as error:  # missing folder, hub offline, unknown id: one line for all
-        raise GKDUserError(f"{flag} {name}: cannot load its tokenizer ({_first_line(error)})") from None
+        raise GKDUserError(f"{flag} {name}: cannot load its tokenizer ({first_line(error)})") from None
     if tokenizer.eos_token_id is None:
         raise GKDUserError(f"{flag} {name}: the tokenizer has no eos_token, so completions could never end")
     return tokenizer
@@ -49,7 +44,7 @@ def load_model(name: str, dtype, attn_impl: str | None, trust_remote_code: bool,
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except Exception as error:
-        raise GKDUserError(f"{flag} {name}: cannot load it as a causal LM ({_first_line(error)})") from None
+        raise GKDUserError(f"{flag} {name}: cannot load it as a causal LM ({first_line(error)})") from None
 
 
 def checkpoint_dtype(name: str, trust_remote_code: bool) -> torch.dtype | None:
@@ -139,7 +134,7 @@ def apply_lora(model, tuner):
     try:
         return get_peft_model(model, config)
     except ValueError as error:
-        raise GKDUserError(f"--target_modules {' '.join(target_modules)}: {_first_line(error)}") from None
+        raise GKDUserError(f"--target_modules {' '.join(target_modules)}: {first_line(error)}") from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

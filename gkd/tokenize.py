@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from gkd.errors import GKDUserError
+from gkd.errors import GKDUserError, first_line
 
 LOSS_SCALES = ("last_round", "default")  # ms-swift's base strategies that mean something for GKD
 CACHE_FORMAT_VERSION = 1  # bump whenever what a cached example holds, or how it is computed, changes
@@ -89,7 +89,7 @@ def assistant_spans(tokenizer, prompt_messages, prompt_ids, stop_ids, where: str
             through = encode(tokenizer, render(tokenizer, prompt_messages[: index + 1], False, enable_thinking))
         except Exception as error:  # a template that cannot render the shorter conversation (jinja errors)
             raise GKDUserError(f"{where}: --loss_scale default: the chat template cannot render the conversation "
-                               f"up to message {index + 1} ({str(error).splitlines()[0] if str(error) else error!r})"
+                               f"up to message {index + 1} ({first_line(error)})"
                                "; use --loss_scale last_round") from None
         if through[: len(before)] != before or prompt_ids[: len(through)] != through:
             raise GKDUserError(f"{where}: --loss_scale default: the chat template renders the conversation up to "

@@ -13,8 +13,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from gkd.tokenize import cut_at_stop
 from gkd.sampling.base import SamplingEngine, SamplingSettings
+from gkd.tokenize import cut_at_stop
 
 
 class KeepVocabulary(LogitsProcessor):

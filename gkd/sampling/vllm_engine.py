@@ -16,9 +16,9 @@ import torch
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-from gkd.tokenize import cut_at_stop
 from gkd.errors import GKDUserError
 from gkd.sampling.base import SamplingEngine, SamplingSettings
+from gkd.tokenize import cut_at_stop
 
 
 # The SamplingParams.extra_args entry that carries SamplingSettings.vocab_size to KeepVocabulary, the
