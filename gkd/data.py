@@ -369,7 +369,8 @@ def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pa
     assistant turns).
 
     Labels come from lengths, never from comparing ids with the pad id, so an EOS equal to pad stays
-    supervised. With vocab_size (the tokenizer's length), an id at or past it is refused: it would index
+    supervised. A row's first position is never labelled: no position predicts it (a span may open there),
+    so the labels count exactly the positions the loss counts, padded or packed into one sequence. With vocab_size (the tokenizer's length), an id at or past it is refused: it would index
     past a smaller model's embedding (a crash deep in its forward) or train on a padding row of the output
     layer, which stands for no token.
     """
@@ -395,4 +396,5 @@ def build_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pa
                 raise ValueError(f"prompt label span ({start}, {end}) of row {row} is outside its "
                                  f"{len(prompt)} prompt tokens")
             labels[row, start:end] = sequence[start:end]
+    labels[:, 0] = IGNORE_INDEX
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -22,7 +22,7 @@ import bisect
 
 import torch
 
-from gkd.data import IGNORE_INDEX, collate_examples
+from gkd.data import collate_examples
 from gkd.errors import GKDUserError
 
 PACKED_KEY = "packed_examples"  # a bin: {"packed_examples": [example, ...]}
@@ -109,18 +109,16 @@ def pack_batch(padded: dict) -> dict:
 
     position_ids restart at 0 at every row, which is how the model tells rows apart; row_ids says which row
     each position belongs to (the trainer's per-row data: sources, the cross-entropy's rows, per-sample
-    losses). A row's first label is set to IGNORE_INDEX: in the padded batch no position predicts it, and in
-    the sequence the previous row's last position would (a label span may start at the prompt's index 0)."""
+    losses). build_batch leaves every row's first label unset, so no row's label is predicted from the row
+    before it."""
     lengths = padded["attention_mask"].sum(1)
     keep = padded["attention_mask"].bool()
-    labels = padded["labels"].clone()
-    labels[:, 0] = IGNORE_INDEX
     width = padded["input_ids"].shape[1]
     positions = torch.arange(width, device=lengths.device).expand_as(keep)
     rows = torch.arange(len(lengths), device=lengths.device)[:, None].expand_as(keep)
     return {
         "input_ids": padded["input_ids"][keep][None],
-        "labels": labels[keep][None],
+        "labels": padded["labels"][keep][None],
         "position_ids": positions[keep][None],
         "row_ids": rows[keep][None],
     }

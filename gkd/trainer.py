@@ -209,11 +209,8 @@ class GKDTrainer(Trainer):
         return sources, own_indices
 
     def _tensors(self, prompts, completions, vocab_size=None, prompt_label_spans=None) -> dict:
-        """build_batch's padded tensors, or (--padding_free) one sequence of the rows (gkd.packing.pack_batch).
-        A row's first label is never a target (no position predicts it, though a prompt label span may open
-        there): IGNORE_INDEX, so that counting labels counts the loss's positions."""
+        """build_batch's padded tensors, or (--padding_free) one sequence of the rows (gkd.packing.pack_batch)."""
         tensors = build_batch(prompts, completions, self.pad_token_id, vocab_size, prompt_label_spans)
-        tensors["labels"][:, 0] = IGNORE_INDEX
         return pack_batch(tensors) if self.padding_free else tensors
 
     def _batch_tensors(self, batch: dict, sources: list[str]) -> dict:
