@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from gkd.errors import GKDUserError
 
@@ -41,15 +42,54 @@ RAW_COLOR, SMOOTH_COLOR = "#FFE2D9", "#FF7043"  # ms-swift's (TensorBoard's) col
 # ----------------------------------------------------------------------------- the versioned folder
 
 
+def run_versions(output_dir: str) -> dict[str, int]:
+    """The entries of output_dir that hold a version, by name: as ms-swift, any entry (folder or file) whose
+    name starts with v<digits> holds N, so v3-old, v10-x and a file v20 all count."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return {name: int(match.group(1)) for name in names if (match := re.match(r"v(\d+)", name))}
+
+
 def next_version_dir(output_dir: str, now: datetime.datetime | None = None) -> str:
     """The next run folder's path, `<output_dir>/v{N}-{YYYYmmdd-HHMMSS}`; nothing is created."""
-    # As ms-swift: any entry (folder or file) whose name starts with v<digits> holds N, so v3-old, v10-x
-    # and a file v20 all count.
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    versions = [int(match.group(1)) for name in names if (match := re.match(r"v(\d+)", name))]
-    version = max(versions, default=-1) + 1
+    version = max(run_versions(output_dir).values(), default=-1) + 1
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
     return os.path.join(output_dir, f"v{version}-{stamp}")
+
+
+def start_run_folder(output_dir: str, add_version: bool) -> tuple[str, list[str]]:
+    """The folder this run writes into: with add_version (ms-swift's default) a new output_dir/vN-..., so
+    nothing of an earlier run is overwritten; else output_dir itself. Needs the process group (rank 0 names
+    the folder). Returns it and the folders this run created (for remove_unfinished_run)."""
+    created = [] if os.path.exists(output_dir) else [output_dir]
+    if not add_version:
+        os.makedirs(output_dir, exist_ok=True)
+        return output_dir, created
+    run_dir = versioned_output_dir(output_dir)
+    return run_dir, created + [run_dir]
+
+
+def remove_unfinished_run(created: list[str], run_dir: str) -> None:
+    """After bad input found late: rank 0 removes the folders this run created, unless a checkpoint was written."""
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    for folder in reversed(created):
+        try:
+            if not any(name.startswith(PREFIX_CHECKPOINT_DIR) for name in os.listdir(folder)):
+                shutil.rmtree(folder) if folder == run_dir else os.rmdir(folder)
+        except OSError:  # not empty (another run's), or already gone
+            pass
+
+
+def latest_checkpoint(output_dir: str, add_version: bool) -> str | None:
+    """The newest checkpoint of the newest run under output_dir (runs by version, the highest N newest),
+    else of output_dir itself."""
+    versions = run_versions(output_dir) if add_version else {}
+    runs = [os.path.join(output_dir, name) for name in sorted(versions, key=versions.get, reverse=True)]
+    for folder in runs + [output_dir]:
+        checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+        if checkpoint:
+            return checkpoint
+    return None
 
 
 def versioned_output_dir(output_dir: str) -> str:

@@ -1,15 +1,11 @@
 """gkd-train: distil a teacher into a student with GKD. Reads top to bottom as the recipe it runs."""
 
 import dataclasses
-import glob
 import logging
 import os
-import re
-import shutil
 import sys
 
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from gkd.config import GKDConfig, parse_config, set_mixed_precision
 from gkd.config.training import default_torch_dtype, student_weight_dtype
@@ -17,12 +13,12 @@ from gkd.data import load_examples, split_train_val
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
 from gkd.launch import run_under_torchrun_if_asked
-from gkd.packing import pack_examples
 from gkd.models import (
     DTYPES, apply_lora, check_vocabularies, checkpoint_dtype, disable_dropout, generation_config, load_model,
     load_tokenizer, stop_token_ids, tokenizer_fingerprint,
 )
-from gkd.run_folder import RunFolderCallback, versioned_output_dir
+from gkd.packing import pack_examples
+from gkd.run_folder import RunFolderCallback, latest_checkpoint, remove_unfinished_run, start_run_folder
 from gkd.tokenize import check_chat_template
 
 logger = logging.getLogger("gkd")
@@ -37,51 +33,17 @@ def run_arguments(config: GKDConfig) -> dict:
     return arguments
 
 
-def start_run_folder(config: GKDConfig) -> list[str]:
-    """ms-swift's layout: with --add_version (its default) the run writes into a new OUTPUT_DIR/vN-YYYYMMDD-HHMMSS,
-    so nothing of an earlier run is overwritten; TensorBoard writes to <run>/runs. Needs the process group:
-    rank 0 names the folder for all. Returns the folders this run created (for removal if it fails early)."""
-    training = config.training
-    base = training.output_dir
-    created = [folder for folder in (base,) if not os.path.exists(folder)]
-    if config.gkd.add_version:
-        training.output_dir = versioned_output_dir(base)
-        created.append(training.output_dir)
-    else:
-        os.makedirs(base, exist_ok=True)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(training.output_dir, "runs"))
-    return created
-
-
-def remove_unfinished_run(config: GKDConfig, created: list[str]) -> None:
-    """After bad input found late: remove the folders this run created, unless a checkpoint was written."""
-    if config.training.process_index != 0:
-        return
-    for folder in reversed(created):
-        try:
-            if not any(name.startswith("checkpoint-") for name in os.listdir(folder)):
-                shutil.rmtree(folder) if folder == config.training.output_dir else os.rmdir(folder)
-        except OSError:  # not empty (another run's), or already gone
-            pass
-
-
-def checkpoint_to_resume(config: GKDConfig, base_output_dir: str) -> str | None:
+def checkpoint_to_resume(config: GKDConfig) -> str | None:
     """--resume_from_checkpoint: a folder as given; 'true'/'last': the newest checkpoint of the newest run
-    under --output_dir (versioned runs each have their own folder, vN: the highest N is the newest)."""
+    under --output_dir (versioned runs each have their own folder)."""
     resume = config.training.resume_from_checkpoint
     if resume is None or resume.lower() not in ("true", "last"):
         return resume
-    versions = {}
-    for folder in glob.glob(os.path.join(base_output_dir, "v*")):
-        match = re.match(r"v(\d+)-", os.path.basename(folder))
-        if match and os.path.isdir(folder):
-            versions[folder] = int(match.group(1))
-    runs = sorted(versions, key=versions.get, reverse=True) if config.gkd.add_version else []
-    for folder in runs + [base_output_dir]:
-        checkpoint = get_last_checkpoint(folder) if os.path.isdir(folder) else None
-        if checkpoint:
-            return checkpoint
-    raise GKDUserError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder under {base_output_dir}")
+    checkpoint = latest_checkpoint(config.training.output_dir, config.gkd.add_version)
+    if checkpoint is None:
+        raise GKDUserError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder under "
+                           f"{config.training.output_dir}")
+    return checkpoint
 
 
 def _teacher_tokenizer(teacher_dir: str, config: GKDConfig):
@@ -135,7 +97,7 @@ def train(config: GKDConfig) -> None:
     model_args, data_args, gkd_args, training = config.model, config.data, config.gkd, config.training
     set_seed(training.seed)
     _ = training.device  # forms the process group now: vLLM's colocated engine joins it
-    resume = checkpoint_to_resume(config, training.output_dir)
+    resume = checkpoint_to_resume(config)
     _say_what_is_ignored(config)
 
     # Hub ids become local folders (ModelScope unless --use_hf), one download per machine.
@@ -191,7 +153,8 @@ def train(config: GKDConfig) -> None:
     if config.tuner.tuner_type == "lora":
         student = apply_lora(student, config.tuner)
 
-    created = start_run_folder(config)
+    training.output_dir, created = start_run_folder(training.output_dir, config.gkd.add_version)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(training.output_dir, "runs"))
     try:
         trainer = GKDTrainer(
             model=student, teacher_model=teacher, args=training, gkd_args=gkd_args,
@@ -204,11 +167,11 @@ def train(config: GKDConfig) -> None:
         )
         trainer.train(resume_from_checkpoint=resume)
     except GKDUserError:
-        remove_unfinished_run(config, created)
+        remove_unfinished_run(created, training.output_dir)
         raise
     except ValueError as error:
         if resume and "checkpoint" in str(error).lower():
-            remove_unfinished_run(config, created)
+            remove_unfinished_run(created, training.output_dir)
             raise GKDUserError(f"--resume_from_checkpoint {training.resume_from_checkpoint}: {error}") from None
         raise
 
