@@ -14,7 +14,19 @@ from gkd.errors import GKDUserError
 
 
 @dataclass
-class ModelArguments:
+class HubArguments:
+    """Where hub ids come from; shared by gkd-train, gkd-infer and gkd-rollout."""
+
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag, commit) of --model."})
+    use_hf: bool | None = field(
+        default=None,
+        metadata={"help": "Download hub ids from the Hugging Face Hub instead of ModelScope (as ms-swift; "
+                  "also USE_HF=1). Default: ModelScope."},
+    )
+
+
+@dataclass
+class ModelArguments(HubArguments):
     _argument_group_name = "models"
 
     model: str | None = field(default=None, metadata={"help": "Student: a local folder or a hub id."})
@@ -25,14 +37,8 @@ class ModelArguments:
         default=None,
         metadata={"help": "Accepted for ms-swift command lines; gkd reads the architecture from the checkpoint."},
     )
-    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag, commit) of --model."})
     teacher_model_type: str | None = field(default=None, metadata={"help": "As --model_type, for the teacher."})
     teacher_model_revision: str | None = field(default=None, metadata={"help": "Hub revision of --teacher_model."})
-    use_hf: bool | None = field(
-        default=None,
-        metadata={"help": "Download hub ids from the Hugging Face Hub instead of ModelScope (as ms-swift; "
-                  "also USE_HF=1). Default: ModelScope."},
-    )
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = field(
         default=None,
         metadata={

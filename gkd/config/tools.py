@@ -4,7 +4,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gkd.config.arguments import VLLMEngineArguments
+from gkd.config.arguments import HubArguments, VLLMEngineArguments
 from gkd.config.checks import check_top_k, check_vllm_engine_arguments, in_range, raise_first_problem
 from gkd.config.parsing import build_parser, parse_dataclasses
 
@@ -13,14 +13,10 @@ from gkd.config.parsing import build_parser, parse_dataclasses
 
 
 @dataclass
-class InferArguments:
+class InferArguments(HubArguments):
     _argument_group_name = "gkd-infer"
 
     model: str | None = field(default=None, metadata={"help": "The model that samples (the teacher): folder or hub id."})
-    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag, commit) of --model."})
-    use_hf: bool | None = field(
-        default=None, metadata={"help": "Hub ids from the Hugging Face Hub instead of ModelScope (also USE_HF=1)."}
-    )
     model_type: str | None = field(default=None, metadata={"help": "Accepted; the architecture comes from the checkpoint."})
     template: str | None = field(default=None, metadata={"help": "Accepted; the checkpoint's own chat template renders."})
     val_dataset: list[str] = field(
@@ -85,14 +81,10 @@ def parse_infer_config(argv: list[str] | None = None) -> tuple[InferArguments, V
 
 
 @dataclass
-class RolloutArguments:
+class RolloutArguments(HubArguments):
     _argument_group_name = "gkd-rollout"
 
     model: str | None = field(default=None, metadata={"help": "The student to serve: folder or hub id."})
-    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag, commit) of --model."})
-    use_hf: bool | None = field(
-        default=None, metadata={"help": "Hub ids from the Hugging Face Hub instead of ModelScope (also USE_HF=1)."}
-    )
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0: every interface)."})
     port: int = field(default=8000, metadata={"help": "HTTP port."})
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
