@@ -87,7 +87,8 @@ def pad_token_id(tokenizer) -> int:
 
 
 def output_vocab_size(model) -> int:
-    return model.get_output_embeddings().weight.shape[0]
+    weight = model.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions it as it loads: its full shape
 
 
 def check_vocabularies(tokenizer, teacher_tokenizer, student, teacher, student_name, teacher_name) -> int:

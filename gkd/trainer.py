@@ -28,6 +28,7 @@ from gkd.models import pad_token_id
 from gkd.offload import OffloadedModel
 from gkd.packing import collate_bins, pack_batch
 from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine, derive_seed
+from gkd.sharding import prepare_teacher, student_sharding, why_sharded
 
 SOURCES = ("student", "teacher", "dataset")
 
@@ -97,13 +98,14 @@ class GKDTrainer(Trainer):
         self.pad_token_id = pad_token_id(self.processing_class)
         self.vocab_size = len(self.processing_class)  # ids at or past it are the output layers' padding
 
-        self.teacher = teacher_model.eval().requires_grad_(False)
+        # Where the teacher runs: whole in every process, or sharded as the student or --teacher_deepspeed says.
+        self.teacher, teacher_sharding = prepare_teacher(
+            teacher_model.eval().requires_grad_(False), self.accelerator, self.args, gkd_args.teacher_deepspeed,
+            gather=gkd_args.ds3_gather_for_generation, keep_on_host=gkd_args.offload_teacher_model)
         # --offload_teacher_model: the teacher lives in host memory and visits the device once per step.
         self.teacher_offload = OffloadedModel(self.teacher, self.args.device) if gkd_args.offload_teacher_model \
             else None
-        if self.teacher_offload is None:
-            self.teacher.to(self.args.device)
-        else:
+        if self.teacher_offload is not None:
             self.add_callback(_OffloadTeacherBeforeOptimizerStep(self.teacher_offload))
         if gkd_args.gkd_logits_topk is not None and gkd_args.gkd_logits_topk > compared_vocab_size:
             raise GKDUserError(f"--gkd_logits_topk {gkd_args.gkd_logits_topk}: must be at most the vocabulary "
@@ -111,7 +113,8 @@ class GKDTrainer(Trainer):
         # The one place the loss implementation is chosen (and logged), by running both models where they are
         # (an offloaded teacher on the host: loading it here could meet a colocated vLLM engine's memory).
         self.loss_impl = choose_loss_impl(gkd_args.loss_impl, gkd_args.gkd_logits_topk, model, self.teacher,
-                                          compared_vocab_size, replicas=max(self.args.n_gpu, 1))
+                                          compared_vocab_size, replicas=max(self.args.n_gpu, 1),
+                                          sharded=why_sharded(self.accelerator))
         # Small chunks suit a CPU's caches; a GPU wants larger ones, or kernel launches dominate.
         chunk_size = gkd_args.loss_chunk_size or (256 if self.args.device.type == "cuda" else None)
         self.gkd_loss = make_loss(self.loss_impl, LossSettings(
@@ -121,9 +124,15 @@ class GKDTrainer(Trainer):
         ))
         # The student samples in the training precision: under --bf16 its float32 master weights run through
         # autocast, as in its training forward (vLLM engines hold weights in their own dtype).
-        self.student_engine = student_engine or TransformersEngine(model, self.pad_token_id,
-                                                                   autocast=self.accelerator.autocast)
-        self.teacher_engine = teacher_engine or TransformersEngine(self.teacher, self.pad_token_id)
+        # How each model is spread over the processes: the engines generate accordingly, and a sharded model's
+        # weight sync and generation are entered by every process together.
+        self.shardings = {"student": student_sharding(self.accelerator, lambda: self.model_wrapped,
+                                                      gather=gkd_args.ds3_gather_for_generation),
+                          "teacher": teacher_sharding}
+        self.student_engine = student_engine or TransformersEngine(
+            model, self.pad_token_id, autocast=self.accelerator.autocast, sharding=self.shardings["student"])
+        self.teacher_engine = teacher_engine or TransformersEngine(
+            self.accelerator.unwrap_model(self.teacher), self.pad_token_id, sharding=teacher_sharding)
         self._weights_synced_at_step = None
         self._reset_metrics()
         self._metrics_since_step = None  # set at the first step: a resumed run starts at its checkpoint's step
@@ -190,11 +199,13 @@ class GKDTrainer(Trainer):
         for source, engine in (("student", self.student_engine), ("teacher", self.teacher_engine)):
             chosen = [(m, row) for m, batch_sources in enumerate(sources)
                       for row, name in enumerate(batch_sources) if name == source]
-            # A collective engine is called by every process as soon as any one of them needs it.
-            if not chosen and not (engine.collective and source in needed_anywhere):
+            # A collective engine, or one whose model is sharded, is called by every process as soon as any one
+            # of them needs it.
+            collective = engine.collective or self.shardings[source].collective
+            if not chosen and not (collective and source in needed_anywhere):
                 continue
             if source == "student" and self._weights_synced_at_step != global_step:
-                engine.sync_weights(self.accelerator.unwrap_model(self.model))
+                engine.sync_weights(self.accelerator.unwrap_model(self.model), self.shardings["student"])
                 self._weights_synced_at_step = global_step
             prompts = [batch_samples[m]["prompt_ids"][row] for m, row in chosen]
             seeds = [derive_seed(self.args.seed, "sample", global_step, own_indices[m][row]) for m, row in chosen]

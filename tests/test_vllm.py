@@ -49,13 +49,14 @@ class GreedyCheck(SamplingEngine):
     """Wraps the engine under test. At each generation it also samples greedily, with that engine and with
     transformers generate on the student as it is at that moment, and keeps both."""
 
-    def __init__(self, engine: SamplingEngine, student, pad_token_id: int):
-        self.engine, self.reference = engine, TransformersEngine(student, pad_token_id)
+    def __init__(self, engine: SamplingEngine, student, pad_token_id: int, sharding=None):
+        self.engine = engine
+        self.reference = TransformersEngine(student, pad_token_id, sharding=sharding)
         self.collective = engine.collective
         self.pairs = []
 
-    def sync_weights(self, model):
-        self.engine.sync_weights(model)
+    def sync_weights(self, model, sharding=None):
+        self.engine.sync_weights(model, sharding)
 
     def generate(self, prompts, settings, seeds=None):
         greedy = dataclasses.replace(settings, temperature=0.0)
@@ -470,6 +471,56 @@ def test_gkd_train_colocate(tmp_path, tiny, processes):
     logs = run([*launcher, *vllm_train_flags(tiny, tmp_path / "out", "--vllm_mode", "colocate")])
     assert [log["samples_student"] for log in logs] == [8 * processes] * 2  # 4 a batch x 2 accumulated, per process
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+# Runs gkd-train with its student engine wrapped in GreedyCheck (the reference generates from the sharded
+# student itself), and writes each process's pairs of greedy completions to pairs-<rank>.json.
+GREEDY_CHECK_DRIVER = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import gkd.trainer
+from gkd.cli.train import main
+from test_vllm import GreedyCheck
+
+prepare = gkd.trainer.GKDTrainer.__init__
+checks = []
+
+def wrapped(self, *args, **kwargs):
+    prepare(self, *args, **kwargs)
+    checks.append(GreedyCheck(self.student_engine, self.model, self.pad_token_id, self.shardings["student"]))
+    self.student_engine = checks[-1]
+
+gkd.trainer.GKDTrainer.__init__ = wrapped
+try:
+    main(sys.argv[1:])
+finally:
+    with open(os.path.join({output!r}, f"pairs-{{os.environ['RANK']}}.json"), "w") as handle:
+        json.dump(checks[0].pairs, handle)
+"""
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_engines_sync_a_zero3_student(tmp_path, tiny, request, mode):
+    """2 processes, the student partitioned by ZeRO-3 and the teacher by --teacher_deepspeed zero3_offload
+    (vllm_colocate.sh's setting): each process's vLLM engine (colocate), or the server the main process
+    sends to, synced a layer at a time from the partitioned weights, samples greedily what transformers
+    generate samples from the student at every step."""
+    (tmp_path / "pairs").mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(GREEDY_CHECK_DRIVER.format(tests=str(REPO / "tests"), output=str(tmp_path / "pairs")))
+    server = ["--vllm_server_port", request.getfixturevalue("rollout")[0], "--vllm_server_timeout", 60] \
+        if mode == "server" else []
+    flags = [*vllm_train_flags(tiny, tmp_path / "out", "--vllm_mode", mode, *server), "--lmbda", 0.5, "--max_steps", 3,
+             "--learning_rate", "1e-2", "--torch_dtype", "float32", "--deepspeed", "zero3", "--teacher_deepspeed",
+             "zero3_offload"]
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(),
+         driver, *flags])
+    for rank in (0, 1):
+        pairs = json.loads((tmp_path / "pairs" / f"pairs-{rank}.json").read_text())
+        assert len(pairs) == 3  # every step, in both processes (a sharded student's engines run together)
+        assert all(engine_output == reference for engine_output, reference in pairs)
+    assert any(reference for rank in (0, 1) for _, reference in json.loads(
+        (tmp_path / "pairs" / f"pairs-{rank}.json").read_text()))
 
 
 @pytest.mark.parametrize("processes", [1, 2])

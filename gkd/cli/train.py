@@ -19,6 +19,7 @@ from gkd.models import (
 )
 from gkd.packing import pack_examples
 from gkd.run_folder import RunFolderCallback, latest_checkpoint, remove_unfinished_run, start_run_folder
+from gkd.sharding.zero import loading_teacher
 from gkd.tokenize import check_chat_template
 
 logger = logging.getLogger("gkd")
@@ -146,12 +147,13 @@ def train(config: GKDConfig) -> None:
     set_mixed_precision(training, dtype)
     student = load_model(student_dir, student_weight_dtype(dtype, training), model_args.attn_impl,
                          model_args.trust_remote_code, "--model")
-    teacher = load_model(teacher_dir, dtype, model_args.attn_impl, model_args.trust_remote_code, "--teacher_model")
-    disable_dropout(student)
+    with loading_teacher(training, gkd_args.teacher_deepspeed):  # partitioned as it loads under ZeRO-3
+        teacher = load_model(teacher_dir, dtype, model_args.attn_impl, model_args.trust_remote_code, "--teacher_model")
     compared_vocab_size = check_vocabularies(tokenizer, _teacher_tokenizer(teacher_dir, config), student, teacher,
                                              model_args.model, model_args.teacher_model)
     if config.tuner.tuner_type == "lora":
         student = apply_lora(student, config.tuner)
+    disable_dropout(student)  # after LoRA: its adapters' dropout too, as TRL's GKDTrainer (ms-swift's) does
 
     training.output_dir, created = start_run_folder(training.output_dir, config.gkd.add_version)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(training.output_dir, "runs"))
@@ -178,9 +180,10 @@ def train(config: GKDConfig) -> None:
     if config.tuner.tuner_type == "lora":
         # A plain Hugging Face model in the run folder; the adapter itself stays in the checkpoints.
         trainer.accelerator.wait_for_everyone()
-        if trainer.is_world_process_zero():
-            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(training.output_dir)
-            tokenizer.save_pretrained(training.output_dir)
+        with trainer.shardings["student"].whole_model():  # a sharded student's whole weights, to merge them
+            if trainer.is_world_process_zero():
+                trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(training.output_dir)
+                tokenizer.save_pretrained(training.output_dir)
     else:
         trainer.save_model(training.output_dir)
     if trainer.is_world_process_zero():
@@ -190,13 +193,6 @@ def train(config: GKDConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run_under_torchrun_if_asked("gkd.cli.train", argv, "gkd-train")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-
-        # Several processes (torchrun, accelerate launch --multi_gpu) on a machine without CUDA: transformers
-        # forms the gloo group only when told it trains on the CPU (accelerate launch says "False").
-        if not torch.cuda.is_available():
-            os.environ["ACCELERATE_USE_CPU"] = "true"
     try:
         # Bad input leaves nothing behind: the run folder is made once data and models have loaded, and
         # removed again if the trainer refuses what it was given (checkpoints, once written, are kept).

@@ -194,6 +194,12 @@ class GKDArguments:
         metadata={"help": "Keep the teacher in CPU memory, moving it to the device only for its forwards and "
                   "generations (slower; frees its device memory for the student)."},
     )
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={"help": "ZeRO-3 / FSDP: gather a sharded model's whole weights once per generation (fast). "
+                  "false: generate with sharded weights, all processes stepping together (slower; for models "
+                  "too big to gather on one device)."},
+    )
     log_completions: bool = field(
         default=False,
         metadata={"help": "Write every trained sample's prompt, completion, source and loss to completions.jsonl "
@@ -215,7 +221,10 @@ class GKDArguments:
     )
     teacher_tag_key: str = field(default="dataset", metadata={"help": "Row column that routes served teachers."})
     teacher_deepspeed: str | None = field(
-        default=None, metadata={"help": "DeepSpeed config of the teacher: not supported yet."}
+        default=None,
+        metadata={"help": "The teacher's DeepSpeed config (zero0 ... zero3_offload or a JSON file; default: the "
+                  "student's --deepspeed). zero3 / zero3_offload partition it across the processes (offload: in "
+                  "CPU memory) as an inference engine without optimizer; other stages keep it whole in each."},
     )
     external_plugins: list[str] = field(
         default_factory=list, metadata={"help": "ms-swift plugin files: not supported (they register ms-swift classes)."}
@@ -240,7 +249,9 @@ class TunerArguments:
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank (>= 1)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (>= 1)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout in [0, 1)."})
+    lora_dropout: float = field(
+        default=0.05, metadata={"help": "LoRA dropout in [0, 1); GKD trains without dropout, the adapters' included "
+                                "(as ms-swift's GKD, through TRL), so it is accepted and has no effect."})
     target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Modules that get LoRA adapters; 'all-linear' means every linear layer but the head."},

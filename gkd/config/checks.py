@@ -32,9 +32,6 @@ def missing_capabilities(config: GKDConfig) -> list[str | None]:
         None if gkd.teacher_model_server is None else
         f"--teacher_model_server {gkd.teacher_model_server}: a served teacher is not supported by gkd-train yet; "
         "load it in process with --teacher_model",
-        None if gkd.teacher_deepspeed is None else
-        f"--teacher_deepspeed {gkd.teacher_deepspeed}: a sharded teacher is not supported by gkd-train yet "
-        "(--offload_teacher_model true keeps it in host memory between its forwards)",
         None if not gkd.external_plugins else
         f"--external_plugins {' '.join(gkd.external_plugins)}: ms-swift plugins register ms-swift classes and do "
         "not run in gkd-train; a privileged teacher prompt (OPSD) is not supported yet",
@@ -88,6 +85,39 @@ def _zero_stage(training: TrainingArguments) -> str | None:
         with open(config_file, encoding="utf-8") as handle:
             return str(json.load(handle).get("zero_optimization", {}).get("stage", 0))
     return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+
+
+def check_sharding(config: GKDConfig) -> list[str | None]:
+    """DeepSpeed and FSDP settings that cannot work together (gkd/sharding runs the rest)."""
+    training, gkd = config.training, config.gkd
+    zero_stage = _zero_stage(training)
+    fsdp = bool(training.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    fsdp_version = str((training.fsdp_config or {}).get("version", (training.fsdp_config or {}).get(
+        "fsdp_version", os.environ.get("FSDP_VERSION", "2"))))
+    teacher_stage = None
+    # as the user named it: ms-swift's name for a shipped config (parsing turned it into its path)
+    shipped = os.path.join(os.path.dirname(os.path.dirname(__file__)), "deepspeed_configs")
+    teacher_config = gkd.teacher_deepspeed and (
+        os.path.basename(gkd.teacher_deepspeed).removesuffix(".json")
+        if os.path.dirname(gkd.teacher_deepspeed) == shipped else gkd.teacher_deepspeed)
+    if gkd.teacher_deepspeed:
+        with open(gkd.teacher_deepspeed, encoding="utf-8") as handle:
+            teacher_stage = str(json.load(handle).get("zero_optimization", {}).get("stage", 0))
+    teacher_sharded = fsdp or (teacher_stage or zero_stage) == "3" and zero_stage is not None
+    one_cpu_process = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    return [
+        None if not fsdp or fsdp_version == "2" else
+        f"FSDP version {fsdp_version}: gkd-train shards with FSDP2; set fsdp_version: 2 in the FSDP config",
+        None if not gkd.teacher_deepspeed or zero_stage is not None else
+        f"--teacher_deepspeed {teacher_config}: needs the student under DeepSpeed too (--deepspeed), which "
+        "runs the processes",
+        None if not (one_cpu_process and (fsdp or zero_stage is not None)) else
+        f"{'FSDP' if fsdp else '--deepspeed'}: without GPUs, sharded training runs in several CPU processes; start "
+        "it with NPROC_PER_NODE=2 (or torchrun)",
+        None if not (gkd.offload_teacher_model and teacher_sharded) else
+        "--offload_teacher_model true: the teacher is sharded (ZeRO-3 or FSDP); --teacher_deepspeed zero3_offload "
+        "keeps its parameters in CPU memory instead",
+    ]
 
 
 def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> None:
@@ -146,16 +176,7 @@ def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> Non
         ]
     if gkd.sft_alpha > 0 and gkd.lmbda == 1:
         problems.append(f"--sft_alpha {gkd.sft_alpha} has no effect with --lmbda 1 (every completion is the student's)")
-    zero_stage = _zero_stage(training)
-    if training.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        problems.append("FSDP: not supported by gkd-train yet (generating from a sharded student needs its "
-                        "weights gathered on every process); use DDP or --deepspeed zero2")
-    elif zero_stage == "3":
-        problems.append("--deepspeed: ZeRO-3 is not supported by gkd-train yet (generating from a partitioned "
-                        "student needs its weights gathered on every process); use --deepspeed zero2")
-    elif training.deepspeed and not torch.cuda.is_available():
-        problems.append("--deepspeed: needs GPUs (accelerate runs CPU processes as plain data-parallel, without "
-                        "DeepSpeed); on a CPU use torchrun without it")
+    problems += check_sharding(config)
     resume = training.resume_from_checkpoint
     if resume and resume.lower() not in ("true", "last") and not os.path.isdir(resume):
         problems.append(f"--resume_from_checkpoint {resume}: no such checkpoint folder (or 'true' for the latest)")

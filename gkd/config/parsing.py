@@ -109,15 +109,19 @@ def deepspeed_config_path(value: str) -> str:
     return os.path.join(DEEPSPEED_CONFIGS, f"{value}.json") if value in DEEPSPEED_NAMES else value
 
 
+DEEPSPEED_FLAGS = ("--deepspeed", "--teacher_deepspeed")
+
+
 def _expand_deepspeed_names(argv: list[str]) -> list[str]:
-    """--deepspeed NAME and --deepspeed=NAME become --deepspeed PATH."""
+    """--deepspeed NAME and --deepspeed=NAME (and --teacher_deepspeed's) become --deepspeed PATH."""
     expanded = []
     for token in argv:
-        if token.startswith("--deepspeed="):
-            expanded += ["--deepspeed", token.split("=", 1)[1]]
+        flag, equals, value = token.partition("=")
+        if equals and flag in DEEPSPEED_FLAGS:
+            expanded += [flag, value]
         else:
             expanded.append(token)
-    return [deepspeed_config_path(token) if index and expanded[index - 1] == "--deepspeed" else token
+    return [deepspeed_config_path(token) if index and expanded[index - 1] in DEEPSPEED_FLAGS else token
             for index, token in enumerate(expanded)]
 
 
@@ -141,11 +145,14 @@ def parse_dataclasses(parser: HfArgumentParser, argv: list[str] | None) -> tuple
     if hasattr(raw, "learning_rate"):
         parser.set_defaults(**derived_defaults(raw))
     for index, token in enumerate(argv[:-1]):
-        if token == "--deepspeed" and importlib.util.find_spec("deepspeed") is None:
-            raise GKDUserError("--deepspeed needs DeepSpeed: pip install 'gkd[deepspeed]'")
-        if token == "--deepspeed" and not os.path.isfile(argv[index + 1]):
-            raise GKDUserError(f"--deepspeed {argv[index + 1]}: neither one of {', '.join(DEEPSPEED_NAMES)} nor a "
-                               "JSON file" + (f" (from {origin['deepspeed']})" if "deepspeed" in origin else ""))
+        if token not in DEEPSPEED_FLAGS:
+            continue
+        where = f" (from {origin[token[2:]]})" if token[2:] in origin else ""
+        if importlib.util.find_spec("deepspeed") is None:
+            raise GKDUserError(f"{token} needs DeepSpeed: pip install 'gkd[deepspeed]'{where}")
+        if not os.path.isfile(argv[index + 1]):
+            raise GKDUserError(f"{token} {argv[index + 1]}: neither one of {', '.join(DEEPSPEED_NAMES)} nor a "
+                               f"JSON file{where}")
     try:
         *instances, _ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except GKDUserError:

@@ -17,6 +17,7 @@ import torch
 from transformers import TrainingArguments
 
 from gkd.errors import GKDUserError
+from gkd.sharding.cpu_world import settle_cpu_world
 
 MS_SWIFT_ACCUMULATION_TARGET = 16  # ms-swift: ceil(16 / per_device_train_batch_size / world_size)
 
@@ -106,6 +107,7 @@ class SwiftTrainingArguments(TrainingArguments):
         if hasattr(self, "activation_checkpointing"):
             self.activation_checkpointing = self.gradient_checkpointing if new_name is None else new_name
             self.gradient_checkpointing = None  # transformers mirrors the new field into it
+        settle_cpu_world(self)  # several processes without CUDA: before transformers forms their group
         super().__post_init__()
 
 
@@ -138,13 +140,13 @@ def default_torch_dtype(checkpoint_dtype: torch.dtype | None) -> torch.dtype:
 
 def set_mixed_precision(training: TrainingArguments, dtype: torch.dtype) -> None:
     """--bf16/--fp16 left unset follow the weight dtype as in ms-swift (model_args.py _init_mixed_precision):
-    bfloat16 weights train under bf16, float16 and float32 weights under fp16 (on a CPU accelerate runs no
-    fp16 autocast, so float32 stays float32 there)."""
+    bfloat16 weights train under bf16, float16 and float32 weights under fp16 on GPUs. Without a GPU
+    float32 stays float32 (no fp16 autocast runs on a CPU; DeepSpeed would cast the whole model to float16)."""
     if training.fp16 is not None or training.bf16 is not None:
         training.fp16, training.bf16 = bool(training.fp16), bool(training.bf16)
     else:
         training.bf16 = dtype == torch.bfloat16
-        training.fp16 = not training.bf16
+        training.fp16 = not training.bf16 and (dtype == torch.float16 or torch.cuda.is_available())
     training.mixed_precision = "fp16" if training.fp16 else "bf16" if training.bf16 else "no"
     # TrainingArguments filled DeepSpeed's "auto" precision fields before the precision was known: fill them
     # again from scratch, as its __post_init__ does (a second pass over filled fields would only report a

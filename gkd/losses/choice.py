@@ -32,18 +32,19 @@ def why_not_fusable(model, vocab_size: int | None = None) -> str | None:
 
 
 def choose_loss_impl(requested: str | None, topk: int | None, student, teacher, vocab_size: int | None = None,
-                     replicas: int = 1) -> str:
+                     replicas: int = 1, sharded: str | None = None) -> str:
     """The implementation to run, logged with the reason. topk: --gkd_logits_topk (then top-k);
     requested: --loss_impl (None: fused where both models allow it, else chunked). A requested
     fused loss that a model does not allow is refused, in one line. replicas: the student's copies in
     this process (torch DataParallel over several GPUs), whose decoders each see a slice of the batch,
-    so no one final hidden state covers it: the fused loss needs one."""
+    so no one final hidden state covers it: the fused loss needs one. sharded: why the student's LM head
+    weight is not whole outside its forward (ZeRO-3, FSDP), which the fused loss reads; None when it is."""
     if topk is not None:
         impl, why = "topk", f"--gkd_logits_topk {topk}"
     elif requested in ("exact", "chunked"):
         impl, why = requested, f"--loss_impl {requested}"
     else:
-        reason = None
+        reason = sharded
         if replicas > 1:
             reason = (f"single-process training over {replicas} GPUs (DataParallel) splits the batch between "
                       "replicas of the student; run one process per GPU (torchrun) for the fused loss")

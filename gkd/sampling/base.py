@@ -50,8 +50,10 @@ class SamplingEngine(abc.ABC):
         seeds: one per prompt; prompt i's random draws come from seeds[i] alone. None: unseeded.
         """
 
-    def sync_weights(self, model) -> None:
+    def sync_weights(self, model, sharding=None) -> None:
         """Load `model`'s current weights into the engine, so that it samples from the model being trained.
+        sharding (gkd.sharding.ModelSharding): how the model is spread over the processes; when it is
+        sharded, every process calls this together.
 
         Engines that sample from the training model itself have nothing to do.
         """

@@ -5,6 +5,10 @@ on its neighbours. Instead generate runs greedy over scores that already carry e
 the sampling warpers (temperature, top-k, top-p, as transformers orders them), then Gumbel noise drawn from
 a generator seeded with that row's seed. argmax(scores + Gumbel noise) is an exact sample from
 softmax(scores) (the Gumbel-max trick), and row i's noise depends on seeds[i] alone.
+
+A sharded model (gkd/sharding) generates with its whole weights gathered once, or, synced, with its
+weights sharded: then every process makes one generate call that runs until all processes are done
+(transformers' synced_gpus), on a stand-in prompt when it has none of its own.
 """
 
 import contextlib
@@ -14,6 +18,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from gkd.sampling.base import SamplingEngine, SamplingSettings
+from gkd.sharding.base import ModelSharding, Replicated
 from gkd.tokenize import cut_at_stop
 
 
@@ -46,12 +51,19 @@ class RowGumbelNoise(LogitsProcessor):
 
 
 class TransformersEngine(SamplingEngine):
-    def __init__(self, model, pad_token_id: int, max_batch_size: int | None = None, autocast=contextlib.nullcontext):
-        """autocast: a context manager factory generation runs under (the trainer's mixed precision)."""
+    def __init__(self, model, pad_token_id: int, max_batch_size: int | None = None, autocast=contextlib.nullcontext,
+                 sharding: ModelSharding | None = None):
+        """autocast: a context manager factory generation runs under (the trainer's mixed precision);
+        sharding: how the model is spread over the processes (default: whole in this one)."""
         self.model = model
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.autocast = autocast
+        self.sharding = sharding or Replicated()
+
+    @property
+    def collective(self) -> bool:
+        return self.sharding.collective
 
     def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
         # Always greedy over the processors' scores (see the module docstring): the checkpoint's sampling
@@ -85,7 +97,7 @@ class TransformersEngine(SamplingEngine):
         return processors
 
     @torch.no_grad()
-    def _generate_batch(self, prompts, seeds, settings: SamplingSettings) -> list[list[int]]:
+    def _generate_batch(self, prompts, seeds, settings: SamplingSettings, **generate_options) -> list[list[int]]:
         device = next(self.model.parameters()).device
         width = max(len(prompt) for prompt in prompts)
         # Left padding, so that every prompt ends where generation starts.
@@ -97,25 +109,37 @@ class TransformersEngine(SamplingEngine):
         output = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             generation_config=self._generation_config(settings),
-            logits_processor=self._processors(settings, seeds, device),
+            logits_processor=self._processors(settings, seeds, device), **generate_options,
         )
         return output[:, width:].tolist()
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings,
                  seeds: list[int] | None = None) -> list[list[int]]:
-        if not prompts:
+        if not prompts and not self.collective:
             return []
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        batch_size = self.max_batch_size or len(prompts)
         was_training = self.model.training
         self.model.eval()
         completions = []
         try:
-            with self.autocast():
-                for start in range(0, len(prompts), batch_size):
-                    batch_seeds = None if seeds is None else seeds[start : start + batch_size]
-                    completions += self._generate_batch(prompts[start : start + batch_size], batch_seeds, settings)
+            with self.autocast(), self.sharding.generating():
+                if self.sharding.synced:
+                    completions = self._generate_synced(prompts, seeds, settings)
+                else:
+                    batch_size = self.max_batch_size or max(len(prompts), 1)
+                    for start in range(0, len(prompts), batch_size):
+                        batch_seeds = None if seeds is None else seeds[start : start + batch_size]
+                        # explicitly off: transformers turns it on by itself for ZeRO-3 and FSDP models
+                        completions += self._generate_batch(prompts[start : start + batch_size], batch_seeds,
+                                                            settings, synced_gpus=False)
         finally:
             self.model.train(was_training)
         return [cut_at_stop(completion, settings.stop_token_ids) for completion in completions]
+
+    def _generate_synced(self, prompts, seeds, settings: SamplingSettings) -> list[list[int]]:
+        """Sharded weights: one generate call, stepping with the other processes until all are done."""
+        if not prompts:  # a stand-in, so that this process runs the forwards the others need
+            self._generate_batch([[self.pad_token_id]], [0], settings, synced_gpus=True)
+            return []
+        return self._generate_batch(prompts, seeds, settings, synced_gpus=True)

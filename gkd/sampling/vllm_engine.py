@@ -18,6 +18,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from gkd.errors import GKDUserError
 from gkd.sampling.base import SamplingEngine, SamplingSettings
+from gkd.sharding.base import ModelSharding, Replicated
 from gkd.tokenize import cut_at_stop
 
 
@@ -54,11 +55,14 @@ def _lora_layers(model) -> tuple[torch.nn.Module, dict]:
 
 
 def _in_memory_weights(model) -> tuple[torch.nn.Module, dict, dict]:
-    """(transformers model, {name: tensor}, {name: LoRA layer}) for the weights save_pretrained writes,
-    still under their in-memory names: LoRA's `.base_layer.` dropped, its adapters and tied copies left out."""
+    """(transformers model, {name: parameter or buffer}, {name: LoRA layer}) for the weights save_pretrained
+    writes, still under their in-memory names: LoRA's `.base_layer.` dropped, its adapters and tied copies
+    left out. Parameters themselves (a sharded one's value is read once it is gathered)."""
     base, lora_layers = _lora_layers(model)
     weights, lora_of = {}, {}
+    parameters = dict(base.named_parameters(remove_duplicate=False))
     for name, tensor in base.state_dict().items():
+        tensor = parameters.get(name, tensor)  # the parameter itself: a sharded one's state-dict entry is empty
         if ".lora_" in name:  # an adapter: merged into its base weight by checkpoint_weights
             continue
         layer_name, _, leaf = name.partition(".base_layer.")
@@ -66,8 +70,11 @@ def _in_memory_weights(model) -> tuple[torch.nn.Module, dict, dict]:
         weights[name] = tensor
         if leaf == "weight" and layer_name in lora_layers:
             lora_of[name] = lora_layers[layer_name]
-    # save_pretrained keeps one of each set of tied weights (the embedding, not lm_head); so does vLLM.
-    return base, remove_tied_weights_from_state_dict(weights, base), lora_of
+    # save_pretrained keeps one of each set of tied weights (the embedding, not lm_head); so does vLLM. Ties
+    # show as shared storage: a ZeRO-3 parameter's own is its partition (ds_tensor), which tied names share.
+    storage = {name: getattr(tensor, "ds_tensor", tensor).detach() for name, tensor in weights.items()}
+    kept = remove_tied_weights_from_state_dict(storage, base)
+    return base, {name: tensor for name, tensor in weights.items() if name in kept}, lora_of
 
 
 def _layer(name: str) -> str:
@@ -76,12 +83,22 @@ def _layer(name: str) -> str:
     return next((".".join(parts[: index + 1]) for index, part in enumerate(parts) if part.isdigit()), "")
 
 
-def _to_checkpoint(base, weights: dict, tensor_of=lambda name, tensor: tensor):
+def _block_parameters(base, block: str) -> list:
+    """The parameters of one block (LoRA adapters included), or, for "", those outside every block."""
+    if block:
+        return list(base.get_submodule(block).parameters())
+    return [parameter for name, parameter in base.named_parameters() if _layer(name) == ""]
+
+
+def _to_checkpoint(base, weights: dict, tensor_of, sharding: ModelSharding):
     """(checkpoint name, tensor) pairs: transformers' own save-time reversal of its load-time conversions
     (MoE experts fused into one gate_up_proj in memory, one tensor per expert and projection on disk),
-    applied block by block so that only one block's converted (or LoRA-merged) tensors exist at a time."""
-    for _, block in itertools.groupby(weights.items(), key=lambda item: _layer(item[0])):
-        yield from revert_weight_conversion(base, {name: tensor_of(name, tensor) for name, tensor in block}).items()
+    applied block by block so that only one block's converted (or LoRA-merged) tensors exist at a time, and
+    a sharded model's block is gathered while its tensors are read (the reader takes each before the next)."""
+    for block, items in itertools.groupby(weights.items(), key=lambda item: _layer(item[0])):
+        with sharding.gathered(_block_parameters(base, block)):
+            tensors = {name: tensor_of(name, sharding.full(tensor)) for name, tensor in items}
+            yield from revert_weight_conversion(base, tensors).items()
 
 
 def checkpoint_shapes(model) -> list[tuple[str, list[int], str]]:
@@ -89,9 +106,12 @@ def checkpoint_shapes(model) -> list[tuple[str, list[int], str]]:
 
     Names and shapes are those of the safetensors save_pretrained writes, which is what vLLM loads."""
     base, weights, _ = _in_memory_weights(model)
-    skeleton = {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta") for name, tensor in weights.items()}
+    # ds_shape: a ZeRO-3 parameter's whole shape (its own is its partition's)
+    skeleton = {name: torch.empty(getattr(tensor, "ds_shape", tensor.shape), dtype=tensor.dtype, device="meta")
+                for name, tensor in weights.items()}
     try:
-        shapes = [(name, list(tensor.shape), str(tensor.dtype)) for name, tensor in _to_checkpoint(base, skeleton)]
+        shapes = [(name, list(tensor.shape), str(tensor.dtype))
+                  for name, tensor in _to_checkpoint(base, skeleton, lambda name, tensor: tensor, Replicated())]
         whole = revert_weight_conversion(base, dict(skeleton))
     except Exception as error:
         raise GKDUserError(f"vLLM weight sync: transformers cannot convert a {type(base).__name__}'s weights to "
@@ -104,9 +124,11 @@ def checkpoint_shapes(model) -> list[tuple[str, list[int], str]]:
 
 
 @torch.no_grad()
-def checkpoint_weights(model):
+def checkpoint_weights(model, sharding: ModelSharding | None = None):
     """(checkpoint name, tensor) for every weight of `model` as save_pretrained would write it, LoRA adapters
-    merged in. A full model's weights that need no conversion are its own tensors, not copies.
+    merged in. A full model's weights that need no conversion are its own tensors, not copies. sharding: how
+    the model is spread over the processes (gkd/sharding); a sharded model's every process must read the
+    whole sequence, a block gathered at a time.
 
     LoRA merges are computed into new tensors, block by block; the training model is not touched (merging
     in place and back would leave float rounding in the trained weights)."""
@@ -121,7 +143,7 @@ def checkpoint_weights(model):
                 tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
         return tensor
 
-    yield from _to_checkpoint(base, weights, merged)
+    yield from _to_checkpoint(base, weights, merged, sharding or Replicated())
 
 
 def _repack_embeddings(model) -> None:
@@ -188,7 +210,7 @@ class VLLMEngine(SamplingEngine):
         self.sleep_level = sleep_level
         self._sleeping: set[str] = set()  # parts released by vLLM's sleep mode: "weights", "kv_cache"
         self._weights_lost = False  # sleep level 2 drops the weights; the next generate must reload them
-        self._last_model = None
+        self._last_model, self._last_sharding = None, None
 
     @classmethod
     def from_arguments(cls, model: str, engine_args, **options) -> "VLLMEngine":
@@ -240,11 +262,11 @@ class VLLMEngine(SamplingEngine):
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self._weights_lost = False
 
-    def sync_weights(self, model) -> None:
+    def sync_weights(self, model, sharding: ModelSharding | None = None) -> None:
         if model is not self._last_model:  # a model's weight names do not change: checked at its first sync
             self.check_loadable(name for name, _, _ in checkpoint_shapes(model))
-            self._last_model = model
-        self.load_weights(checkpoint_weights(model))
+            self._last_model, self._last_sharding = model, sharding
+        self.load_weights(checkpoint_weights(model, sharding))
 
     # ------------------------------------------------------------------ sampling
 
@@ -277,7 +299,7 @@ class VLLMEngine(SamplingEngine):
             raise GKDUserError(f"a prompt of {longest} tokens leaves no room to generate within vLLM's "
                                f"{self.max_model_len} (--vllm_max_model_len); raise it, or cap rows with --max_length")
         if self._weights_lost:  # only after sync_weights, so there is a model to reload from
-            self.sync_weights(self._last_model)
+            self.sync_weights(self._last_model, self._last_sharding)
         self._wake("weights")
         self._wake("kv_cache")
         # vLLM draws a seeded request's randomness from a generator of its own: prompt i's completion

@@ -183,8 +183,11 @@ class VLLMServerEngine(SamplingEngine):
         self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         broadcast(self._group, token_proof(self.token, reply["nonce"]).to(self._device))
 
-    def sync_weights(self, model) -> None:
+    def sync_weights(self, model, sharding=None) -> None:
         if self.rank != 0:  # data-parallel copies hold the same weights: the main process sends them
+            if sharding is not None and sharding.collective:  # its reads gather this process's shards too
+                for _ in checkpoint_weights(model, sharding):
+                    pass
             return
         if self._group is None:
             self._connect()
@@ -200,7 +203,7 @@ class VLLMServerEngine(SamplingEngine):
 
         request = threading.Thread(target=post, daemon=True)
         request.start()
-        weights = checkpoint_weights(model)  # one block's worth at a time (conversions, LoRA merges: new tensors)
+        weights = checkpoint_weights(model, sharding)  # one block's worth at a time (conversions, LoRA merges: new tensors)
         for bucket in buckets:
             tensors = []
             for name, _, _ in bucket:
