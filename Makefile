@@ -30,4 +30,6 @@ test: install
 
 test-vllm:
 	PYTHON=$(PYTHON) GKD_VLLM_VENV=$(VLLM_VENV) bash scripts/setup_vllm_env.sh
+	# DeepSpeed's CPU extensions built for this environment's versions, apart from the main environment's
+	TORCH_EXTENSIONS_DIR=$${TORCH_EXTENSIONS_DIR:-$(VLLM_VENV)/torch_extensions} \
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_VENV)/bin/python -m pytest -m vllm
