@@ -2,7 +2,6 @@
 gkd does not have yet (each one line that names what is missing)."""
 
 import importlib.util
-import json
 import math
 import os
 
@@ -12,6 +11,8 @@ from transformers import TrainingArguments
 from gkd.config.arguments import GKDConfig, VLLMEngineArguments
 from gkd.errors import GKDUserError
 from gkd.packing import check_padding_free
+from gkd.sharding.cpu_world import uses_fsdp
+from gkd.sharding.zero import read_config, zero_stage
 from gkd.tokenize import LOSS_SCALES
 
 
@@ -79,39 +80,34 @@ def check_report_to(report_to: list[str]) -> str | None:
 def _zero_stage(training: TrainingArguments) -> str | None:
     """The ZeRO stage the student will train under: from --deepspeed, or from accelerate launch's config."""
     if training.deepspeed:
-        return str(training.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0))
+        return str(zero_stage(training.hf_deepspeed_config.config))
     config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if config_file and os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as handle:
-            return str(json.load(handle).get("zero_optimization", {}).get("stage", 0))
+        return str(zero_stage(read_config(config_file)))
     return os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
 
 
 def check_sharding(config: GKDConfig) -> list[str | None]:
     """DeepSpeed and FSDP settings that cannot work together (gkd/sharding runs the rest)."""
     training, gkd = config.training, config.gkd
-    zero_stage = _zero_stage(training)
-    fsdp = bool(training.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    fsdp_version = str((training.fsdp_config or {}).get("version", (training.fsdp_config or {}).get(
-        "fsdp_version", os.environ.get("FSDP_VERSION", "2"))))
-    teacher_stage = None
+    student_stage, fsdp = _zero_stage(training), uses_fsdp(training)
+    # transformers has already turned fsdp_config's "fsdp_version" key into "version"
+    fsdp_version = str((training.fsdp_config or {}).get("version", os.environ.get("FSDP_VERSION", "2")))
+    teacher_stage = str(zero_stage(read_config(gkd.teacher_deepspeed))) if gkd.teacher_deepspeed else student_stage
+    teacher_sharded = fsdp or (student_stage is not None and teacher_stage == "3")
     # as the user named it: ms-swift's name for a shipped config (parsing turned it into its path)
     shipped = os.path.join(os.path.dirname(os.path.dirname(__file__)), "deepspeed_configs")
     teacher_config = gkd.teacher_deepspeed and (
         os.path.basename(gkd.teacher_deepspeed).removesuffix(".json")
         if os.path.dirname(gkd.teacher_deepspeed) == shipped else gkd.teacher_deepspeed)
-    if gkd.teacher_deepspeed:
-        with open(gkd.teacher_deepspeed, encoding="utf-8") as handle:
-            teacher_stage = str(json.load(handle).get("zero_optimization", {}).get("stage", 0))
-    teacher_sharded = fsdp or (teacher_stage or zero_stage) == "3" and zero_stage is not None
     one_cpu_process = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) <= 1
     return [
         None if not fsdp or fsdp_version == "2" else
         f"FSDP version {fsdp_version}: gkd-train shards with FSDP2; set fsdp_version: 2 in the FSDP config",
-        None if not gkd.teacher_deepspeed or zero_stage is not None else
+        None if not gkd.teacher_deepspeed or student_stage is not None else
         f"--teacher_deepspeed {teacher_config}: needs the student under DeepSpeed too (--deepspeed), which "
         "runs the processes",
-        None if not (one_cpu_process and (fsdp or zero_stage is not None)) else
+        None if not (one_cpu_process and (fsdp or student_stage is not None)) else
         f"{'FSDP' if fsdp else '--deepspeed'}: without GPUs, sharded training runs in several CPU processes; start "
         "it with NPROC_PER_NODE=2 (or torchrun)",
         None if not (gkd.offload_teacher_model and teacher_sharded) else

@@ -56,7 +56,7 @@ def _report_cpu_world() -> None:
 
     def prepare_backend(state, cpu=False, sagemaker_dp=False, backend=None):
         found_backend, found_type = detect(state, cpu, sagemaker_dp, backend)
-        if found_type != DistributedType.NO or int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        if found_type != DistributedType.NO:  # an accelerator after all
             return found_backend, found_type
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             return "gloo", DistributedType.MULTI_CPU  # accelerate turns it into DEEPSPEED

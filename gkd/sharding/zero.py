@@ -4,7 +4,8 @@ ZeRO-3 partitions parameters as the model loads (transformers' from_pretrained r
 while a ZeRO-3 config is the global one), and installs per-module hooks that gather them for each forward.
 Gathering the whole model while those hooks are installed collides with them ("Cannot partition a param in
 flight"), so the hooks come down for the gather and go back after it: DeepSpeed's own
-unwrap_model_for_generation does exactly that, for an engine with an optimizer and for an inference engine.
+unwrap_model_for_generation does that for the per-module hooks (of an engine with an optimizer and of an
+inference engine alike), and ZeroThree.whole_model adds the root module's hook, which it leaves up.
 """
 
 import contextlib
