@@ -47,6 +47,36 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# Runs a command's main() once per case in one Python process: each bad input is still checked end to end
+# (exit code, stderr, files), while the imports (most of a refused run's time) are paid once.
+_MAIN_PER_CASE = """
+import contextlib, importlib, io, json, sys, traceback
+main = importlib.import_module(sys.argv[1]).main
+results = {}
+for name, argv in json.loads(sys.argv[2]).items():
+    stderr, code = io.StringIO(), 0
+    with contextlib.redirect_stderr(stderr):
+        try:
+            main(argv)
+        except SystemExit as exit:
+            code = exit.code
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results[name] = (code, stderr.getvalue())
+print(json.dumps(results))
+"""
+
+
+def run_main_per_case(module: str, cases: dict[str, list]) -> dict[str, tuple[int, str]]:
+    """{case name: (exit code, stderr)} of `module`'s main(argv) for each case's argv."""
+    argvs = json.dumps({name: [str(flag) for flag in argv] for name, argv in cases.items()})
+    result = subprocess.run([sys.executable, "-c", _MAIN_PER_CASE, module, argvs], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {name: tuple(outcome) for name, outcome in json.loads(result.stdout.splitlines()[-1]).items()}
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

@@ -188,6 +188,11 @@ def train(config: GKDConfig) -> None:
         trainer.save_model(training.output_dir)
     if trainer.is_world_process_zero():
         logger.info("saved the distilled student to %s", training.output_dir)
+    if trainer.accelerator.num_processes > 1:
+        trainer.accelerator.wait_for_everyone()
+        # Left to interpreter exit, gloo's teardown can abort a process ("terminate called without an active
+        # exception") after everything was saved, and torchrun then reports the run as failed.
+        trainer.accelerator.state.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
