@@ -68,13 +68,19 @@ print(json.dumps(results))
 """
 
 
-def run_main_per_case(module: str, cases: dict[str, list]) -> dict[str, tuple[int, str]]:
-    """{case name: (exit code, stderr)} of `module`'s main(argv) for each case's argv."""
-    argvs = json.dumps({name: [str(flag) for flag in argv] for name, argv in cases.items()})
+def assert_refused_in_one_line(module: str, program: str, cases: dict[str, tuple[list, str]]) -> None:
+    """Each case's argv (`module`'s main) exits 2 with one `<program>: error:` line holding the expected
+    text, and no traceback."""
+    argvs = json.dumps({name: [str(flag) for flag in argv] for name, (argv, _) in cases.items()})
     result = subprocess.run([sys.executable, "-c", _MAIN_PER_CASE, module, argvs], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return {name: tuple(outcome) for name, outcome in json.loads(result.stdout.splitlines()[-1]).items()}
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    for name, (_, expected) in cases.items():
+        code, stderr = outcomes[name]
+        errors = [line for line in stderr.splitlines() if line.startswith(f"{program}: error:")]
+        assert code == 2 and len(errors) == 1 and expected in errors[0], (name, code, stderr[-2000:])
+        assert "Traceback" not in stderr, name
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO, run_main_per_case, write_jsonl
+from conftest import REPO, assert_refused_in_one_line, write_jsonl
 from gkd.data import build_batch, load_examples
 from gkd.losses import generalized_jsd_loss
 from gkd.models import generation_config, stop_token_ids
@@ -152,15 +152,10 @@ def test_ms_swift_spellings_run_with_their_meaning(tmp_path, tiny):
 def test_bad_inputs_give_one_line_and_leave_nothing(tmp_path, tiny):
     cases = bad_runs(tiny, tmp_path)
     outputs = {name: tmp_path / f"out-{name.replace(' ', '-')}" for name in cases}
-    results = run_main_per_case("gkd.cli.train", {
-        name: [*base_flags(tiny, outputs[name]), "--max_steps", 1, *flags] for name, (flags, _) in cases.items()})
-    for name, (_, expected) in cases.items():
-        code, stderr = results[name]
-        assert code == 2, (name, stderr[-2000:])
-        error_lines = [line for line in stderr.splitlines() if line.startswith("gkd-train: error:")]
-        assert len(error_lines) == 1 and expected in error_lines[0], (name, stderr[-2000:])
-        assert "Traceback" not in stderr, name
-        assert not outputs[name].exists(), name
+    assert_refused_in_one_line("gkd.cli.train", "gkd-train", {
+        name: ([*base_flags(tiny, outputs[name]), "--max_steps", 1, *flags], expected)
+        for name, (flags, expected) in cases.items()})
+    assert not any(output.exists() for output in outputs.values())
 
 
 def test_help_lists_gkd_flags_first():

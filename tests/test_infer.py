@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import run_main_per_case, write_jsonl
+from conftest import assert_refused_in_one_line, write_jsonl
 from gkd.data import DatasetSpec, read_rows
 from gkd.result_file import KEY_FIELD
 
@@ -142,13 +142,7 @@ def test_bad_inputs_give_one_line(tmp_path, tiny):
         "not ours": (["--model", tiny / "teacher", "--dataset", prompts, "--result_path", existing],
                      "was not written by gkd-infer"),
     }
-    results = run_main_per_case("gkd.cli.infer", {name: flags for name, (flags, _) in cases.items()})
-    for name, (_, expected) in cases.items():
-        code, stderr = results[name]
-        assert code == 2, (name, stderr[-2000:])
-        errors = [line for line in stderr.splitlines() if line.startswith("gkd-infer: error:")]
-        assert len(errors) == 1 and expected in errors[0], (name, stderr[-2000:])
-        assert "Traceback" not in stderr, name
+    assert_refused_in_one_line("gkd.cli.infer", "gkd-infer", cases)
     assert existing.read_text() == '{"note": "a file the user made"}\n'
     assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "c.jsonl").exists()
 
