@@ -12,6 +12,7 @@ One optimizer step, as in the paper's pseudocode:
 (gkd/completion_log.py): what each step trained on, with per-sample losses, in completions.jsonl.
 """
 
+import contextlib
 import random
 import time
 
@@ -25,10 +26,10 @@ from gkd.errors import GKDUserError
 from gkd.losses import LossBatch, LossSettings, choose_loss_impl, make_loss
 from gkd.losses.common import recording_divergences
 from gkd.models import pad_token_id
-from gkd.offload import OffloadedModel
 from gkd.packing import collate_bins, pack_batch
 from gkd.sampling import SamplingEngine, SamplingSettings, TransformersEngine, derive_seed
-from gkd.sharding import prepare_teacher, student_sharding, why_sharded
+from gkd.sharding import student_sharding, why_sharded
+from gkd.teachers import Teacher, make_teacher
 
 SOURCES = ("student", "teacher", "dataset")
 
@@ -49,13 +50,14 @@ def has_experts(model) -> bool:
 
 
 class _OffloadTeacherBeforeOptimizerStep(TrainerCallback):
-    """The step's forwards are done: the offloaded teacher's device copy goes before the optimizer needs room."""
+    """The step's forwards are done: what the teacher brought to the device goes before the optimizer needs
+    room (--offload_teacher_model; a no-op for the other teachers)."""
 
-    def __init__(self, offload: OffloadedModel):
-        self.offload = offload
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.offload.offload()
+        self.teacher.offload()
 
 
 class _FlushCompletionLog(TrainerCallback):
@@ -98,21 +100,22 @@ class GKDTrainer(Trainer):
         self.pad_token_id = pad_token_id(self.processing_class)
         self.vocab_size = len(self.processing_class)  # ids at or past it are the output layers' padding
 
-        # Where the teacher runs: whole in every process, or sharded as the student or --teacher_deepspeed says.
-        self.teacher, teacher_sharding = prepare_teacher(
-            teacher_model.eval().requires_grad_(False), self.accelerator, self.args, gkd_args.teacher_deepspeed,
-            gather=gkd_args.ds3_gather_for_generation, keep_on_host=gkd_args.offload_teacher_model)
-        # --offload_teacher_model: the teacher lives in host memory and visits the device once per step.
-        self.teacher_offload = OffloadedModel(self.teacher, self.args.device) if gkd_args.offload_teacher_model \
-            else None
-        if self.teacher_offload is not None:
-            self.add_callback(_OffloadTeacherBeforeOptimizerStep(self.teacher_offload))
+        # How each model is spread over the processes: the engines generate accordingly, and a sharded model's
+        # weight sync and generation are entered by every process together.
+        self.shardings = {"student": student_sharding(self.accelerator, lambda: self.model_wrapped,
+                                                      gather=gkd_args.ds3_gather_for_generation)}
+        # The teacher (gkd/teachers): its own weights (whole, offloaded, or sharded as the student or
+        # --teacher_deepspeed says), or the student itself (self-distillation).
+        self.teacher = make_teacher(teacher_model, model, self.shardings["student"], self.accelerator, self.args,
+                                    gkd_args)
+        self.shardings["teacher"] = self.teacher.sharding
+        self.add_callback(_OffloadTeacherBeforeOptimizerStep(self.teacher))
         if gkd_args.gkd_logits_topk is not None and gkd_args.gkd_logits_topk > compared_vocab_size:
             raise GKDUserError(f"--gkd_logits_topk {gkd_args.gkd_logits_topk}: must be at most the vocabulary "
                                f"size {compared_vocab_size}")
         # The one place the loss implementation is chosen (and logged), by running both models where they are
         # (an offloaded teacher on the host: loading it here could meet a colocated vLLM engine's memory).
-        self.loss_impl = choose_loss_impl(gkd_args.loss_impl, gkd_args.gkd_logits_topk, model, self.teacher,
+        self.loss_impl = choose_loss_impl(gkd_args.loss_impl, gkd_args.gkd_logits_topk, model, self.teacher.model,
                                           compared_vocab_size, replicas=max(self.args.n_gpu, 1),
                                           sharded=why_sharded(self.accelerator))
         # Small chunks suit a CPU's caches; a GPU wants larger ones, or kernel launches dominate.
@@ -124,15 +127,10 @@ class GKDTrainer(Trainer):
         ))
         # The student samples in the training precision: under --bf16 its float32 master weights run through
         # autocast, as in its training forward (vLLM engines hold weights in their own dtype).
-        # How each model is spread over the processes: the engines generate accordingly, and a sharded model's
-        # weight sync and generation are entered by every process together.
-        self.shardings = {"student": student_sharding(self.accelerator, lambda: self.model_wrapped,
-                                                      gather=gkd_args.ds3_gather_for_generation),
-                          "teacher": teacher_sharding}
         self.student_engine = student_engine or TransformersEngine(
             model, self.pad_token_id, autocast=self.accelerator.autocast, sharding=self.shardings["student"])
         self.teacher_engine = teacher_engine or TransformersEngine(
-            self.accelerator.unwrap_model(self.teacher), self.pad_token_id, sharding=teacher_sharding)
+            self.accelerator.unwrap_model(self.teacher.model), self.pad_token_id, sharding=self.teacher.sharding)
         self._weights_synced_at_step = None
         self._reset_metrics()
         self._metrics_since_step = None  # set at the first step: a resumed run starts at its checkpoint's step
@@ -209,9 +207,10 @@ class GKDTrainer(Trainer):
                 self._weights_synced_at_step = global_step
             prompts = [batch_samples[m]["prompt_ids"][row] for m, row in chosen]
             seeds = [derive_seed(self.args.seed, "sample", global_step, own_indices[m][row]) for m, row in chosen]
-            if source == "teacher" and self.teacher_offload is not None:
-                self.teacher_offload.load()  # after the student's engine has released its memory (idle)
-            generated = engine.generate(prompts, settings, seeds)
+            if source == "teacher":
+                self.teacher.load()  # after the student's engine has released its memory (idle)
+            with self.teacher.running() if source == "teacher" else contextlib.nullcontext():
+                generated = engine.generate(prompts, settings, seeds)
             engine.idle()  # no more sampling from it before the next optimizer step
             # generation is bounded by --max_completion_length alone (--max_length bounds the prompt)
             for (m, row), completion in zip(chosen, generated):
@@ -242,8 +241,8 @@ class GKDTrainer(Trainer):
         if self._metrics_since_step is None:
             self._metrics_since, self._metrics_since_step = time.perf_counter(), global_step
         sources, indices = self._complete_step(batch_samples, global_step)
-        if self.teacher_offload is not None:  # for the step's forwards, if no teacher generation brought it
-            self.teacher_offload.load()  # (it goes back before the optimizer runs)
+        self.teacher.load()  # for the step's forwards, if no teacher generation brought it (it goes back before
+        # the optimizer runs)
         self._step_samples = [(global_step + 1, batch_indices, batch_sources, batch["prompt_ids"], batch["completion_ids"])
                               for batch, batch_sources, batch_indices in zip(batch_samples, sources, indices)]
         batch_samples = [self._batch_tensors(batch, batch_sources)
@@ -320,8 +319,7 @@ class GKDTrainer(Trainer):
         model = self.model
         was_training = model.training
         model.eval()
-        if self.teacher_offload is not None:
-            self.teacher_offload.load()
+        self.teacher.load()
         totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # summed JSD, tokens
         samples = 0
         for inputs in dataloader:
@@ -334,8 +332,7 @@ class GKDTrainer(Trainer):
             totals += torch.stack([jsd_sum.double(), batch["labels"].ne(IGNORE_INDEX).sum().double()])
             samples += len(inputs["prompt_ids"])
         model.train(was_training)
-        if self.teacher_offload is not None:
-            self.teacher_offload.offload()
+        self.teacher.offload()
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         metrics = {f"{metric_key_prefix}_loss": (totals[0] / totals[1].clamp(min=1)).item()}

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from gkd.data import build_batch  # noqa: E402
 from gkd.losses import LossBatch, LossSettings, choose_loss_impl, make_loss  # noqa: E402
+from gkd.teachers import Teacher  # noqa: E402
 from gkd.packing import pack_batch  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def micro_batches(count, rows, low, high, vocab, seed):
 
 def step(loss, student, teacher, batch):
     student.zero_grad(set_to_none=True)
-    jsd, _ = loss(student, teacher, batch)
+    jsd, _ = loss(student, Teacher(teacher), batch)
     jsd.backward()
 
 

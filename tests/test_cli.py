@@ -130,6 +130,9 @@ def bad_runs(tiny, tmp_path):
         "bad choice": (["--tuner_type", "qlora"], "invalid choice: 'qlora'"),
         "warmup ratio and steps": (["--warmup_ratio", 0.05, "--warmup_steps", 2], "not together with --warmup_steps"),
         "report_to unknown": (["--report_to", "tensorboard", "nosuch"], "--report_to nosuch: not an integration"),
+        "offloading the student as teacher": (["--teacher_model", tiny / "student", "--tuner_type", "lora",
+                                               "--offload_teacher_model", "true"],
+                                              "--offload_teacher_model true: the teacher is the student itself"),
         # refused by the trainer, after the run folder was made: it goes again
         "top-k past the vocabulary": (["--gkd_logits_topk", 100000], "--gkd_logits_topk 100000: must be at most"),
     }

@@ -164,7 +164,7 @@ def test_bad_values_are_refused_with_the_flag_named(tmp_path, flags, expected):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("missing", ["--model", "--teacher_model", "--dataset"])
+@pytest.mark.parametrize("missing", ["--model", "--dataset"])
 def test_required_flags(tmp_path, missing):
     flags = list(REQUIRED)
     index = flags.index(missing)
@@ -320,9 +320,8 @@ def test_capabilities_gkd_lacks_parse_then_stop_in_one_line(tmp_path, flags, exp
     assert str(error.value).startswith(expected)
 
 
-def test_no_teacher_is_self_distillation_which_gkd_lacks(tmp_path):
-    with pytest.raises(GKDUserError, match="^--teacher_model is required: self-distillation"):
-        parse_config(["--model", "s", "--dataset", "d.jsonl"])
+def test_no_teacher_parses_as_self_distillation():
+    assert parse_config(["--model", "s", "--dataset", "d.jsonl"]).model.teacher_model is None
 
 
 def test_ms_swift_deepspeed_names_ship_with_ms_swift_contents():

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from gkd.data import IGNORE_INDEX, build_batch
 from gkd.errors import GKDUserError
 from gkd.losses import LossBatch, LossSettings, make_loss
+from gkd.teachers import Teacher
 from gkd.packing import PACKED_KEY, check_padding_free, collate_bins, pack_batch, pack_examples
 
 from gkd.trainer import sample_source
@@ -108,7 +109,7 @@ def test_every_loss_implementation_gives_the_padded_sums_and_gradients(tiny, imp
                   LossBatch(packed["input_ids"], None, packed["labels"], sft_rows[packed["row_ids"]],
                             packed["position_ids"])):
         student.zero_grad()
-        jsd, sft = loss(student, teacher, batch)
+        jsd, sft = loss(student, Teacher(teacher), batch)
         (jsd + 0.3 * sft).backward()
         results.append((jsd.detach(), sft.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
     (jsd_a, sft_a, grads_a), (jsd_b, sft_b, grads_b) = results

@@ -156,7 +156,7 @@ def test_teacher_stays_frozen_in_eval_mode(tmp_path, tokenizer, models):
     trainer = make_trainer(tmp_path, tokenizer, student, teacher, make_examples(tokenizer, ["1", "2"]),
                            batch_size=2, accumulation=1)
     trainer.train()
-    assert not trainer.teacher.training
+    assert not trainer.teacher.model.training
     assert not any(param.requires_grad for param in teacher.parameters())
     assert all(torch.equal(param, before[name]) for name, param in teacher.named_parameters())
 
@@ -324,7 +324,7 @@ def test_offloaded_teacher_visits_the_device_once_per_step(tmp_path, tiny, token
                                accumulation=2, lmbda=0.0, seq_kd=True, loss_impl=loss_impl,
                                offload_teacher_model=offload)
         trainer.args.max_steps = 2
-        placement = trainer.teacher_offload
+        placement = trainer.teacher.host_copy
         host_pointers = set() if placement is None else {host.data_ptr() for host in placement._host.values()}
         seen_on_host = []  # one entry per teacher forward (generation steps included)
         teacher.register_forward_pre_hook(

@@ -19,6 +19,7 @@ from gkd.data import IGNORE_INDEX, build_batch
 from gkd.tokenize import tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.losses import LossBatch, LossSettings, choose_loss_impl, generalized_jsd_loss, make_loss
+from gkd.teachers import Teacher
 from gkd.trainer import GKDTrainer
 
 COMPLETIONS = ["1", "22 + 22 = 44 and that is it", "3", "4 + 4 = 8"]
@@ -180,8 +181,8 @@ def test_fusing_a_scaled_model_would_compute_another_loss(tiny, tokenizer):
     settings = LossSettings(beta=0.5, temperature=1.0, vocab_size=VOCAB)
     loss_batch = LossBatch(batch["input_ids"], batch["attention_mask"], batch["labels"])
     with torch.no_grad():
-        chunked = make_loss("chunked", settings)(student, teacher, loss_batch).jsd
-        fused = make_loss("fused", settings)(student, teacher, loss_batch).jsd
+        chunked = make_loss("chunked", settings)(student, Teacher(teacher), loss_batch).jsd
+        fused = make_loss("fused", settings)(student, Teacher(teacher), loss_batch).jsd
     torch.testing.assert_close(chunked, want.detach(), rtol=1e-5, atol=1e-6)
     assert abs(float(fused) - float(want)) > 0.01 * float(want)
 
@@ -297,7 +298,7 @@ def test_fused_reads_the_last_hidden_state_through_a_ddp_wrapper(tiny, tokenizer
             called = student if not wrap else DistributedDataParallel(student)
             wrapper_calls = []
             called.register_forward_pre_hook(lambda module, args: wrapper_calls.append(module))
-            jsd, sft = loss(called, teacher, loss_batch, student_module=student)
+            jsd, sft = loss(called, Teacher(teacher), loss_batch, student_module=student)
             (jsd + 0.3 * sft).backward()
             assert len(wrapper_calls) == 1
             results.append((jsd.detach(), sft.detach(), {n: p.grad for n, p in student.named_parameters()}))

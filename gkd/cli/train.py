@@ -20,6 +20,7 @@ from gkd.models import (
 from gkd.packing import pack_examples
 from gkd.run_folder import RunFolderCallback, latest_checkpoint, remove_unfinished_run, start_run_folder
 from gkd.sharding.zero import loading_teacher
+from gkd.teachers import STUDENT, STUDENT_BASE
 from gkd.tokenize import check_chat_template
 
 logger = logging.getLogger("gkd")
@@ -54,6 +55,26 @@ def _teacher_tokenizer(teacher_dir: str, config: GKDConfig):
         logger.warning("no tokenizer beside --teacher_model %s: assuming it is the student's",
                        config.model.teacher_model)
         return None
+
+
+def self_distillation_teacher(config: GKDConfig, student_dir: str, teacher_dir: str | None) -> str | None:
+    """ms-swift's self-distillation: no --teacher_model makes the live student its own teacher; --teacher_model
+    equal to --model with LoRA makes the student's base (its adapters off) the teacher, without a second
+    copy. None: load --teacher_model (equal to --model with full training: a frozen copy, as ms-swift)."""
+    if teacher_dir is None:
+        choice, why = STUDENT, "no --teacher_model: self-distillation, the student's current weights are the teacher"
+    elif os.path.realpath(teacher_dir) == os.path.realpath(student_dir) and config.tuner.tuner_type == "lora":
+        choice, why = STUDENT_BASE, "--teacher_model is --model with LoRA: the teacher is the student, adapters off"
+    else:
+        return None
+    gkd = config.gkd
+    for flag, given in (("--offload_teacher_model true", gkd.offload_teacher_model),
+                        (f"--teacher_deepspeed {gkd.teacher_deepspeed}", gkd.teacher_deepspeed)):
+        if given:
+            raise GKDUserError(f"{flag}: the teacher is the student itself ({why.split(':')[0]}), which runs "
+                               "where the student does")
+    logger.info(why)
+    return choice
 
 
 def make_student_engine(config: GKDConfig, student_dir: str, student, tokenizer, dtype):
@@ -106,8 +127,10 @@ def train(config: GKDConfig) -> None:
     with training.main_process_first(local=True, desc="downloading the models"):
         student_dir = resolve_model(model_args.model, use_hf=use_hf, flag="--model",
                                     revision=model_args.model_revision)
-        teacher_dir = resolve_model(model_args.teacher_model, use_hf=use_hf, flag="--teacher_model",
-                                    revision=model_args.teacher_model_revision)
+        teacher_dir = model_args.teacher_model and resolve_model(
+            model_args.teacher_model, use_hf=use_hf, flag="--teacher_model", revision=model_args.teacher_model_revision)
+
+    teacher = self_distillation_teacher(config, student_dir, teacher_dir)  # or None: --teacher_model loads below
 
     # Tokenizer and data first: a bad row should stop the run before minutes of model loading.
     tokenizer = load_tokenizer(student_dir, model_args.trust_remote_code)
@@ -147,10 +170,14 @@ def train(config: GKDConfig) -> None:
     set_mixed_precision(training, dtype)
     student = load_model(student_dir, student_weight_dtype(dtype, training), model_args.attn_impl,
                          model_args.trust_remote_code, "--model")
-    with loading_teacher(training, gkd_args.teacher_deepspeed):  # partitioned as it loads under ZeRO-3
-        teacher = load_model(teacher_dir, dtype, model_args.attn_impl, model_args.trust_remote_code, "--teacher_model")
-    compared_vocab_size = check_vocabularies(tokenizer, _teacher_tokenizer(teacher_dir, config), student, teacher,
-                                             model_args.model, model_args.teacher_model)
+    if teacher is None:
+        with loading_teacher(training, gkd_args.teacher_deepspeed):  # partitioned as it loads under ZeRO-3
+            teacher = load_model(teacher_dir, dtype, model_args.attn_impl, model_args.trust_remote_code,
+                                 "--teacher_model")
+        compared_vocab_size = check_vocabularies(tokenizer, _teacher_tokenizer(teacher_dir, config), student,
+                                                 teacher, model_args.model, model_args.teacher_model)
+    else:
+        compared_vocab_size = check_vocabularies(tokenizer, None, student, student, model_args.model, model_args.model)
     if config.tuner.tuner_type == "lora":
         student = apply_lora(student, config.tuner)
     disable_dropout(student)  # after LoRA: its adapters' dropout too, as TRL's GKDTrainer (ms-swift's) does

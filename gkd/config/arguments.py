@@ -31,7 +31,9 @@ class ModelArguments(HubArguments):
 
     model: str | None = field(default=None, metadata={"help": "Student: a local folder or a hub id."})
     teacher_model: str | None = field(
-        default=None, metadata={"help": "Teacher: a local folder or a hub id. Must share the student's tokenizer."}
+        default=None, metadata={"help": "Teacher: a local folder or a hub id. Must share the student's tokenizer. "
+                                "Unset: self-distillation, the live student is its own teacher; equal to --model "
+                                "with --tuner_type lora: the student with its adapters off (one copy of the weights)."}
     )
     model_type: str | None = field(
         default=None,

@@ -305,10 +305,11 @@ class FusedLoss(LossImpl):
         forward = batch.forward_kwargs(logits_to_keep=1)
         with last_hidden_state(student_module) as student_hidden:
             student(**forward)  # the wrapper's forward (DDP needs it called); the hook is inside
-        with torch.no_grad(), last_hidden_state(teacher) as teacher_hidden:
-            teacher(**forward)
+        with torch.no_grad(), teacher.running(), last_hidden_state(teacher.model) as teacher_hidden:
+            teacher.model(**forward)
+            teacher_head = lm_head_of(teacher.model)  # the head it ran with (its adapters off, for the student's base)
         vocab, settings = self.settings.vocab_size, self.settings
-        student_head, teacher_head = lm_head_of(student_module), lm_head_of(teacher)
+        student_head = lm_head_of(student_module)
         sft_targets = batch.sft_targets()
         jsd, sft = fused_generalized_jsd_and_cross_entropy(
             student_hidden.value, student_head.weight[:vocab], teacher_hidden.value, teacher_head.weight[:vocab],

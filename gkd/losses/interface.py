@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from gkd.losses.common import IGNORE_INDEX  # gkd.data.IGNORE_INDEX: the label of prompt and padding positions
+from gkd.teachers.base import Teacher
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,12 @@ class LossImpl:
     def __init__(self, settings: LossSettings):
         self.settings = settings
 
-    def __call__(self, student, teacher, batch: LossBatch, student_module=None) -> LossSums:
+    def __call__(self, student, teacher: Teacher, batch: LossBatch, student_module=None) -> LossSums:
         """student: the model to call (possibly wrapped by DDP or DeepSpeed, whose forward must run);
         student_module: the model inside any such wrapper (default: student), for its LM head and
-        decoder; teacher: frozen, on the device the loss runs on. Forwards run in the caller's
-        grad mode and autocast; the teacher's under no_grad."""
+        decoder; teacher: a gkd.teachers.Teacher, whose model runs (under no_grad, inside
+        teacher.running()) on the device the loss runs on. Forwards run in the caller's grad mode and
+        autocast."""
         raise NotImplementedError
 
     def _options(self) -> dict:
@@ -107,8 +109,8 @@ class LogitsLossImpl(LossImpl):
 
     def __call__(self, student, teacher, batch: LossBatch, student_module=None) -> LossSums:
         student_logits = student(**batch.forward_kwargs()).logits
-        with torch.no_grad():
-            teacher_side = self.teacher_side(teacher(**batch.forward_kwargs()).logits)
+        with torch.no_grad(), teacher.running():
+            teacher_side = self.teacher_side(teacher.model(**batch.forward_kwargs()).logits)
         return self.sums(student_logits, teacher_side, batch.targets(), batch.sft_targets())
 
     def sums(self, student_logits, teacher_side, targets, sft_targets) -> LossSums:
