@@ -155,6 +155,18 @@ def test_lora_under_zero3_saves_the_merged_model(tiny, tmp_path, references):
     assert_same_weights(tmp_path / "lora", reference_folder)  # plain names: the adapters merged in
 
 
+def test_the_lora_students_base_teaches_under_zero3(tiny, tmp_path, references):
+    """Self-distillation with the teacher the student's base (--teacher_model equal to --model with LoRA): the
+    partitioned student runs with its adapters off for the teacher's forwards and seq_kd generations."""
+    flags = ["--teacher_model", tiny / "student", "--tuner_type", "lora", "--lora_rank", 4, "--learning_rate", "5",
+             "--seq_kd", "true"]
+    reference_folder, reference_sources = references("self", *flags)
+    assert any(teacher for _, teacher, _, _ in reference_sources)
+    logs = train(tiny, tmp_path / "self", *flags, "--deepspeed", "zero3", processes=2, batch_size=2)
+    assert sources(logs) == reference_sources
+    assert_same_weights(tmp_path / "self", reference_folder)
+
+
 def test_zero3_steps_equal_one_process_and_a_resumed_run_repeats_them(tiny, tmp_path, references):
     """DeepSpeed's own accumulation scaling (batch 1 x 2 accumulated) and generation with the weights gathered
     once; then, stopped after step 2 and resumed from its checkpoint (started by accelerate launch with
