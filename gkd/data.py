@@ -264,6 +264,23 @@ def row_to_messages(row, where: str, system: str | None = None) -> list[dict]:
     return messages
 
 
+def teacher_messages(row: dict, prompt_messages: list[dict], where: str) -> list[dict] | None:
+    """OPSD's privileged view (ms-swift's `teacher_prompt` column): the prompt with its last user turn's content
+    replaced by the row's teacher_prompt, for the teacher alone; None for a row without one."""
+    teacher_prompt = row.get("teacher_prompt")
+    if teacher_prompt is None:
+        return None
+    if not isinstance(teacher_prompt, str):
+        raise GKDUserError(f"{where}: teacher_prompt must be a string (the teacher's last user turn), got "
+                           f"{type(teacher_prompt).__name__}")
+    users = [index for index, message in enumerate(prompt_messages) if message["role"] == "user"]
+    if not users:
+        raise GKDUserError(f"{where}: the row has a teacher_prompt but no user turn for it to replace")
+    messages = [dict(message) for message in prompt_messages]
+    messages[users[-1]]["content"] = teacher_prompt
+    return messages
+
+
 def split_prompt_completion(messages: list[dict]) -> tuple[list[dict], str | None]:
     """The prompt is everything before the last assistant turn; None when the row ends on another role."""
     if messages[-1]["role"] == "assistant":
@@ -278,11 +295,12 @@ def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=N
                   truncation_strategy="delete", need_completions=True, reason_completions_needed="",
                   dataset_num_proc=1, load_from_cache_file=False, enable_thinking=None, loss_scale="last_round"):
     """Read, normalise and tokenize every --dataset spec into examples: {"prompt_ids", "completion_ids",
-    "prompt_label_spans", "dataset"}.
+    "prompt_label_spans", "teacher_prompt_ids", "dataset"}.
 
     completion_ids is None for a prompt-only row. prompt_label_spans lists the (start, end) positions of
     prompt_ids to supervise besides the completion: the earlier assistant turns under loss_scale 'default'
     (ms-swift: every assistant turn), none under 'last_round' (ms-swift's GKD default: the last turn only).
+    teacher_prompt_ids: the teacher's own prompt for a row with a teacher_prompt (OPSD), else None.
     dataset is the spec's source (ms-swift's `dataset` column); split_train_val splits each one apart.
     max_length bounds the prompt (see gkd.tokenize.truncate). enable_thinking, when not None, is passed to
     the chat template. dataset_num_proc: worker processes of the tokenization; load_from_cache_file: reuse
@@ -302,7 +320,12 @@ def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=N
                 )
             if not prompt_messages:
                 raise GKDUserError(f"{where}: the row has a completion but no prompt")
-            records.append((where, prompt_messages, completion))
+            teacher_view = teacher_messages(row, prompt_messages, where)
+            if teacher_view is not None and loss_scale == "default":
+                raise GKDUserError(f"{where}: a teacher_prompt row with --loss_scale default (earlier assistant turns "
+                                   "supervised in two different prompts) is not supported; use --loss_scale "
+                                   "last_round")
+            records.append((where, prompt_messages, completion, teacher_view))
         tokenized = tokenize_records(
             records, tokenizer, stop_ids=stop_ids, max_length=max_length, truncation_strategy=truncation_strategy,
             enable_thinking=enable_thinking, loss_scale=loss_scale, system=system, num_proc=dataset_num_proc,
@@ -359,6 +382,7 @@ def collate_examples(features: list[dict]) -> dict:
         "prompt_ids": [feature["prompt_ids"] for feature in features],
         "completion_ids": [feature["completion_ids"] for feature in features],
         "prompt_label_spans": [feature.get("prompt_label_spans") or [] for feature in features],
+        "teacher_prompt_ids": [feature.get("teacher_prompt_ids") for feature in features],
     }
 
 

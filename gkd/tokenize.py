@@ -13,7 +13,7 @@ from pathlib import Path
 from gkd.errors import GKDUserError, first_line
 
 LOSS_SCALES = ("last_round", "default")  # ms-swift's base strategies that mean something for GKD
-CACHE_FORMAT_VERSION = 1  # bump whenever what a cached example holds, or how it is computed, changes
+CACHE_FORMAT_VERSION = 2  # bump whenever what a cached example holds, or how it is computed, changes
 
 
 def cut_at_stop(token_ids: list[int], stop_ids) -> list[int]:
@@ -154,7 +154,9 @@ def _tokenize_record(record: dict, tokenizer, settings: dict) -> dict:
     """One row in a `Dataset.map` worker. A GKDUserError travels back as the row's `error` (the caller raises
     the first one, in row order), so it reaches the user as one line whatever process met it."""
     where, messages, completion = record["where"], json.loads(record["messages"]), record["completion"]
-    enable_thinking = settings["enable_thinking"]
+    enable_thinking, max_length, strategy = settings["enable_thinking"], settings["max_length"], \
+        settings["truncation_strategy"]
+    empty = {"prompt_ids": [], "completion_ids": None, "prompt_label_spans": [], "teacher_prompt_ids": None}
     try:
         prompt_ids, completion_ids = tokenize_messages(tokenizer, messages, completion, settings["stop_ids"],
                                                        enable_thinking=enable_thinking)
@@ -162,14 +164,20 @@ def _tokenize_record(record: dict, tokenizer, settings: dict) -> dict:
         if settings["loss_scale"] == "default":
             spans = assistant_spans(tokenizer, messages, prompt_ids, settings["stop_ids"], where,
                                     enable_thinking=enable_thinking)
-        kept = truncate(prompt_ids, completion_ids, settings["max_length"], settings["truncation_strategy"], where)
+        kept = truncate(prompt_ids, completion_ids, max_length, strategy, where)
+        teacher_prompt_ids = None
+        if record["teacher_messages"] is not None:  # OPSD: the teacher's prompt, bounded as a prompt alone
+            teacher_prompt_ids = encode(tokenizer, render(tokenizer, json.loads(record["teacher_messages"]), True,
+                                                          enable_thinking))
+            teacher_kept = truncate(teacher_prompt_ids, None, max_length, strategy, f"{where} (teacher_prompt)")
+            kept = kept if teacher_kept is not None else None
+            teacher_prompt_ids = teacher_kept and teacher_kept[0]
     except GKDUserError as error:
-        return {"prompt_ids": [], "completion_ids": None, "prompt_label_spans": [], "dropped": False,
-                "error": str(error)}
+        return {**empty, "dropped": False, "error": str(error)}
     if kept is None:
-        return {"prompt_ids": [], "completion_ids": None, "prompt_label_spans": [], "dropped": True, "error": None}
-    return {"prompt_ids": kept[0], "completion_ids": kept[1], "dropped": False, "error": None,
-            "prompt_label_spans": shift_spans(spans, len(prompt_ids) - len(kept[0]))}
+        return {**empty, "dropped": True, "error": None}
+    return {"prompt_ids": kept[0], "completion_ids": kept[1], "teacher_prompt_ids": teacher_prompt_ids,
+            "dropped": False, "error": None, "prompt_label_spans": shift_spans(spans, len(prompt_ids) - len(kept[0]))}
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -195,8 +203,8 @@ def cache_key(records, tokenizer, settings: dict, system: str | None) -> str:
         {"format": CACHE_FORMAT_VERSION, "tokenizer": tokenizer_identity(tokenizer), "system": system, **settings},
         sort_keys=True, ensure_ascii=False,
     ).encode())
-    for where, messages_json, completion in records:
-        digest.update(json.dumps([where, messages_json, completion], ensure_ascii=False).encode() + b"\n")
+    for record in records:
+        digest.update(json.dumps(record, ensure_ascii=False).encode() + b"\n")
     return digest.hexdigest()[:40]
 
 
@@ -210,8 +218,10 @@ def cache_folder() -> Path:
 def tokenize_records(records, tokenizer, *, stop_ids, max_length=None, truncation_strategy="delete",
                      enable_thinking=None, loss_scale="last_round", system=None, num_proc: int = 1,
                      load_from_cache_file: bool = False, desc: str = "tokenizing") -> list[dict | None]:
-    """Tokenize (where, prompt_messages, completion) records through `datasets.Dataset.map`; one result per
-    record, in order: {"prompt_ids", "completion_ids", "prompt_label_spans"}, or None for a dropped row.
+    """Tokenize (where, prompt_messages, completion, teacher_messages or None) records through
+    `datasets.Dataset.map`; one result per record, in order: {"prompt_ids", "completion_ids",
+    "prompt_label_spans", "teacher_prompt_ids"}, or None for a dropped row. A teacher prompt (OPSD) obeys
+    max_length as a prompt alone does; a row whose teacher prompt is dropped is dropped whole.
 
     num_proc > 1 runs the map in that many worker processes. With load_from_cache_file the result is
     written to, and a later identical call reads it from, <HF_DATASETS_CACHE>/gkd/<cache_key>.arrow
@@ -222,20 +232,23 @@ def tokenize_records(records, tokenizer, *, stop_ids, max_length=None, truncatio
     settings = {"stop_ids": sorted({int(token) for token in stop_ids}), "max_length": max_length,
                 "truncation_strategy": truncation_strategy, "enable_thinking": enable_thinking,
                 "loss_scale": check_loss_scale(loss_scale)}
-    records = [(where, json.dumps(messages, ensure_ascii=False), completion) for where, messages, completion in records]
+    records = [(where, json.dumps(messages, ensure_ascii=False), completion,
+                None if teacher is None else json.dumps(teacher, ensure_ascii=False))
+               for where, messages, completion, teacher in records]
     key = cache_key(records, tokenizer, settings, system)
     cache_file_name = None
     if load_from_cache_file:
         cache_folder().mkdir(parents=True, exist_ok=True)
         cache_file_name = str(cache_folder() / f"{key}.arrow")
     text = datasets.Value("string")
+    columns = ("where", "messages", "completion", "teacher_messages")
     table = datasets.Dataset.from_dict(
-        {name: [record[index] for record in records] for index, name in enumerate(("where", "messages", "completion"))},
-        features=datasets.Features({"where": text, "messages": text, "completion": text}),
+        {name: [record[index] for record in records] for index, name in enumerate(columns)},
+        features=datasets.Features({name: text for name in columns}),
     )
     token_list = datasets.List(datasets.Value("int32"))
     features = datasets.Features({"prompt_ids": token_list, "completion_ids": token_list,
-                                  "prompt_label_spans": datasets.List(token_list),
+                                  "teacher_prompt_ids": token_list, "prompt_label_spans": datasets.List(token_list),
                                   "dropped": datasets.Value("bool"), "error": datasets.Value("string")})
     mapped = table.map(
         _tokenize_record, fn_kwargs={"tokenizer": tokenizer, "settings": settings},
@@ -245,7 +258,8 @@ def tokenize_records(records, tokenizer, *, stop_ids, max_length=None, truncatio
     for error in mapped["error"]:
         if error is not None:
             raise GKDUserError(error)
-    return [None if dropped else {"prompt_ids": prompt, "completion_ids": completion,
+    return [None if dropped else {"prompt_ids": prompt, "completion_ids": completion, "teacher_prompt_ids": teacher,
                                   "prompt_label_spans": [tuple(span) for span in spans]}
-            for prompt, completion, spans, dropped in zip(mapped["prompt_ids"], mapped["completion_ids"],
-                                                          mapped["prompt_label_spans"], mapped["dropped"])]
+            for prompt, completion, teacher, spans, dropped in zip(
+                mapped["prompt_ids"], mapped["completion_ids"], mapped["teacher_prompt_ids"],
+                mapped["prompt_label_spans"], mapped["dropped"])]

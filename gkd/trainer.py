@@ -205,7 +205,7 @@ class GKDTrainer(Trainer):
             if source == "student" and self._weights_synced_at_step != global_step:
                 engine.sync_weights(self.accelerator.unwrap_model(self.model), self.shardings["student"])
                 self._weights_synced_at_step = global_step
-            prompts = [batch_samples[m]["prompt_ids"][row] for m, row in chosen]
+            prompts = [self._prompt_of(source, batch_samples[m], row) for m, row in chosen]
             seeds = [derive_seed(self.args.seed, "sample", global_step, own_indices[m][row]) for m, row in chosen]
             if source == "teacher":
                 self.teacher.load()  # after the student's engine has released its memory (idle)
@@ -218,14 +218,28 @@ class GKDTrainer(Trainer):
         self._metrics["generation_seconds"] += time.perf_counter() - started
         return sources, own_indices
 
-    def _tensors(self, prompts, completions, vocab_size=None, prompt_label_spans=None) -> dict:
-        """build_batch's padded tensors, or (--padding_free) one sequence of the rows (gkd.packing.pack_batch)."""
+    @staticmethod
+    def _prompt_of(source: str, batch: dict, row: int) -> list[int]:
+        """What the source's model is prompted with: the teacher reads a row's teacher prompt (OPSD) if it has one."""
+        teacher_prompt = (batch.get("teacher_prompt_ids") or [None] * (row + 1))[row]
+        return teacher_prompt if source == "teacher" and teacher_prompt is not None else batch["prompt_ids"][row]
+
+    def _tensors(self, prompts, completions, vocab_size=None, prompt_label_spans=None, teacher_prompts=None) -> dict:
+        """build_batch's padded tensors, or (--padding_free) one sequence of the rows (gkd.packing.pack_batch).
+        teacher_prompts: per row its teacher prompt (OPSD) or None; if any row has one, teacher_* tensors hold
+        what the teacher reads: every row's teacher prompt (or its prompt) before the same completion."""
         tensors = build_batch(prompts, completions, self.pad_token_id, vocab_size, prompt_label_spans)
-        return pack_batch(tensors) if self.padding_free else tensors
+        tensors = pack_batch(tensors) if self.padding_free else tensors
+        if teacher_prompts and any(prompt is not None for prompt in teacher_prompts):
+            view = build_batch([own if teacher is None else teacher for own, teacher in zip(prompts, teacher_prompts)],
+                               completions, self.pad_token_id, vocab_size)
+            tensors.update({f"teacher_{name}": tensor for name, tensor in view.items()})
+        return tensors
 
     def _batch_tensors(self, batch: dict, sources: list[str]) -> dict:
         prompts, completions = batch["prompt_ids"], batch["completion_ids"]
-        tensors = self._tensors(prompts, completions, self.vocab_size, batch.get("prompt_label_spans"))
+        tensors = self._tensors(prompts, completions, self.vocab_size, batch.get("prompt_label_spans"),
+                                batch.get("teacher_prompt_ids"))
         tensors["from_student"] = torch.tensor([source == "student" for source in sources])
         for source in sources:
             self._metrics[f"samples_{source}"] += 1
@@ -261,10 +275,16 @@ class GKDTrainer(Trainer):
     def _loss_batch(inputs, sft: bool) -> LossBatch:
         """sft: the cross-entropy's rows (non-student samples), per position in a padding-free sequence."""
         sft_rows = ~inputs["from_student"] if sft else None
+        teacher_view = None
+        if "teacher_input_ids" in inputs:  # OPSD: the teacher reads its own prompts (padded rows, never packed)
+            teacher_view = LossBatch(inputs["teacher_input_ids"], inputs["teacher_attention_mask"],
+                                     inputs["teacher_labels"])
         if "position_ids" in inputs:
             sft_rows = None if sft_rows is None else sft_rows[inputs["row_ids"]]
-            return LossBatch(inputs["input_ids"], None, inputs["labels"], sft_rows, inputs["position_ids"])
-        return LossBatch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], sft_rows)
+            return LossBatch(inputs["input_ids"], None, inputs["labels"], sft_rows, inputs["position_ids"],
+                             teacher_view)
+        return LossBatch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], sft_rows,
+                         teacher_view=teacher_view)
 
     def _loss_sums(self, model, inputs, sft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed generalized JSD and summed cross-entropy (on non-student samples; 0 when sft is False or
@@ -324,7 +344,8 @@ class GKDTrainer(Trainer):
         samples = 0
         for inputs in dataloader:
             batch = self._tensors(inputs["prompt_ids"], inputs["completion_ids"],
-                                  prompt_label_spans=inputs.get("prompt_label_spans"))
+                                  prompt_label_spans=inputs.get("prompt_label_spans"),
+                                  teacher_prompts=inputs.get("teacher_prompt_ids"))
             batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
             batch["from_student"] = torch.zeros(len(inputs["prompt_ids"]), dtype=torch.bool, device=self.args.device)
             with torch.no_grad(), self.compute_loss_context_manager():

@@ -426,7 +426,9 @@ def test_loss_scale_default_supervises_every_assistant_turn(tmp_path, tokenizer)
     start, end = len(first_prompt), len(first_prompt) + len(first_answer)
     assert example["prompt_label_spans"] == [(start, end)]
 
-    batch = build_batch(**collate_examples([example]), pad_token_id=tokenizer.pad_token_id)
+    collated = collate_examples([example])
+    assert collated.pop("teacher_prompt_ids") == [None]
+    batch = build_batch(**collated, pad_token_id=tokenizer.pad_token_id)
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     supervised = [position for position, label in enumerate(labels) if label != IGNORE_INDEX]
     prompt_length = len(example["prompt_ids"])

@@ -3,6 +3,7 @@ the student's base with its LoRA adapters off (--teacher_model equal to --model 
 weights. References: the base model loaded a second time from disk, and the exact loss on its logits."""
 
 import ast
+import json
 
 import torch
 
@@ -10,6 +11,7 @@ from gkd.config import TunerArguments
 from gkd.models import apply_lora, disable_dropout
 from gkd.sampling import SamplingSettings
 from gkd.teachers import STUDENT, STUDENT_BASE
+from conftest import write_jsonl
 from test_cli import base_flags, gkd_train
 from test_trainer_loss import dataset_batch, exact_sums, load, make_trainer
 
@@ -87,19 +89,17 @@ def test_seq_kd_with_the_students_base_generates_as_the_base(tmp_path, tiny, tok
     assert student_says != taught  # the adapters change the greedy completions
 
 
-def test_gkd_train_runs_both_modes_as_ms_swift_spells_them(tmp_path, tiny):
-    """No --teacher_model: jsd_loss is 0 in every step. --teacher_model equal to --model with LoRA (seq_kd, so
-    the base also generates): a run that trains and saves the merged student."""
-    flags = base_flags(tiny, tmp_path / "live")
+def test_gkd_train_without_a_teacher_distils_the_privileged_view(tmp_path, tiny):
+    """No --teacher_model, rows with a teacher_prompt (OPSD): the live student teaches itself from the
+    privileged prompt, so the divergence is not 0. (The LoRA base as teacher runs in test_swift_examples'
+    opsd.sh and under ZeRO-3 in test_sharding.)"""
+    data = [{**json.loads(line), "teacher_prompt": "Answer exactly, then stop."}
+            for line in (tiny / "data" / "train.jsonl").read_text().splitlines()[:16]]
+    flags = base_flags(tiny, tmp_path / "live", dataset=write_jsonl(tmp_path / "opsd.jsonl", data))
     at = flags.index("--teacher_model")
-    live = gkd_train(*flags[:at], *flags[at + 2:], "--max_steps", 2, "--lmbda", 0.5, "--sft_alpha", 0.5)
+    live = gkd_train(*flags[:at], *flags[at + 2:], "--max_steps", 2, "--lmbda", 1)
     assert live.returncode == 0, live.stderr[-3000:]
+    assert "no --teacher_model: self-distillation" in live.stderr
     logs = [ast.literal_eval(line) for line in live.stdout.splitlines() if line.startswith("{'loss'")]
     # (transformers prints the logged numbers formatted, as strings)
-    assert len(logs) == 2 and all(float(entry["jsd_loss"]) == 0 and float(entry["sft_loss"]) > 0.1 for entry in logs)
-    base = gkd_train(*base_flags(tiny, tmp_path / "base"), "--teacher_model", tiny / "student", "--max_steps", 2,
-                     "--tuner_type", "lora", "--lora_rank", 4, "--seq_kd", "true", "--lmbda", 0.5)
-    assert base.returncode == 0, base.stderr[-3000:]
-    assert "the teacher is the student, adapters off" in base.stderr
-    logs = [ast.literal_eval(line) for line in base.stdout.splitlines() if line.startswith("{'loss'")]
-    assert sum(entry["samples_teacher"] for entry in logs) > 0 and (tmp_path / "base" / "model.safetensors").exists()
+    assert len(logs) == 2 and all(float(entry["jsd_loss"]) > 1e-4 for entry in logs)

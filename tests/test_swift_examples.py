@@ -279,11 +279,17 @@ def dataset_rows(tiny: Path) -> dict[str, list[dict]]:
         pairs.append((messages[0]["content"], messages[1]["content"]))
     alpaca = [{"instruction": question, "input": "", "output": answer} for question, answer in pairs]
     problems = [{"problem": question, "solution": answer} for question, answer in pairs]
+    # opsd_plugin.py's rows, which gkd reads as they are: the student sees the problem, the teacher the
+    # problem with its reference solution (the plugin's teacher_prompt)
+    opsd = [{"messages": [{"role": "system", "content": "Please reason step by step."},
+                          {"role": "user", "content": question}],
+             "teacher_prompt": f"{question}\n\nHere is a reference solution to this problem:\n{answer}\n\n"
+                               "Now articulate your own step-by-step reasoning."} for question, answer in pairs]
     captions = [{"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": answer}],
                  "images": [{"bytes": None, "path": "coco/1.jpg"}]} for _, answer in pairs]
     return {"AI-ModelScope/alpaca-gpt4-data-en": alpaca, "AI-ModelScope/alpaca-gpt4-data-zh": alpaca,
             "modelscope/gsm8k": [{"question": q, "answer": a} for q, a in pairs],
-            "AI-ModelScope/NuminaMath-TIR": problems, "open-r1/OpenThoughts-114k-math": problems,
+            "AI-ModelScope/NuminaMath-TIR": problems, "open-r1/OpenThoughts-114k-math": opsd,
             "modelscope/coco_2014_caption": captions}
 
 
@@ -347,6 +353,22 @@ def test_training_examples_run_under_zero3_in_two_processes(tmp_path, hub, tiny,
                  tmp_path, {**hub, "NPROC_PER_NODE": "2"})  # (a token given must not reach args.json)
     assert result.returncode == 0, result.stderr[-3000:]
     check_run_folder(tmp_path / "output")
+
+
+def test_opsd_sh_with_the_plugins_rows_as_a_teacher_prompt_column(tmp_path, hub):
+    """opsd.sh without its plugin, on the rows the plugin builds (teacher_prompt column): the LoRA student's base
+    teaches from the privileged prompt, under its own --deepspeed zero0 in 2 processes; transformers samples
+    instead of vLLM (which lives in its own environment here), swanlab (not installed) is left out."""
+    env, program, argv = as_gkd("rlhf/opsd/opsd.sh")
+    argv = [*without_open_capabilities(argv, {"--use_vllm": 1}), "--max_steps", "2", "--report_to", "tensorboard",
+            "--max_completion_length", "24"]
+    result = run(program, argv, tmp_path, {**hub, "NPROC_PER_NODE": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the teacher is the student, adapters off" in result.stderr
+    (run_dir,) = (tmp_path / "output").glob("Qwen3-4B/v0-*")  # ms-swift's default: output/<model name>/
+    logs = [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
+    assert [line["samples_student"] for line in logs if "samples_student" in line] == [8, 8]  # lmbda 1, 4 x 2
+    assert all(line["jsd_loss"] > 0 for line in logs if "jsd_loss" in line)
 
 
 @pytest.mark.vllm

@@ -35,7 +35,7 @@ def missing_capabilities(config: GKDConfig) -> list[str | None]:
         "load it in process with --teacher_model",
         None if not gkd.external_plugins else
         f"--external_plugins {' '.join(gkd.external_plugins)}: ms-swift plugins register ms-swift classes and do "
-        "not run in gkd-train; a privileged teacher prompt (OPSD) is not supported yet",
+        "not run in gkd-train; for OPSD's privileged teacher prompt, give the rows a teacher_prompt column",
         None if gkd.multi_turn_scheduler is None else
         f"--multi_turn_scheduler {gkd.multi_turn_scheduler}: multi-turn rollouts are not supported by gkd-train yet",
         None if gkd.max_turns is None else

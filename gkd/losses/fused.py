@@ -306,13 +306,14 @@ class FusedLoss(LossImpl):
         with last_hidden_state(student_module) as student_hidden:
             student(**forward)  # the wrapper's forward (DDP needs it called); the hook is inside
         with torch.no_grad(), teacher.running(), last_hidden_state(teacher.model) as teacher_hidden:
-            teacher.model(**forward)
+            teacher.model(**(batch.teacher_view or batch).forward_kwargs(logits_to_keep=1))
             teacher_head = lm_head_of(teacher.model)  # the head it ran with (its adapters off, for the student's base)
+        teacher_states = batch.as_student_positions(teacher_hidden.value)
         vocab, settings = self.settings.vocab_size, self.settings
         student_head = lm_head_of(student_module)
         sft_targets = batch.sft_targets()
         jsd, sft = fused_generalized_jsd_and_cross_entropy(
-            student_hidden.value, student_head.weight[:vocab], teacher_hidden.value, teacher_head.weight[:vocab],
+            student_hidden.value, student_head.weight[:vocab], teacher_states, teacher_head.weight[:vocab],
             batch.targets(), sft_targets, **self._options(), **self._chunk(),
             student_lm_head_bias=None if student_head.bias is None else student_head.bias[:vocab],
             teacher_lm_head_bias=None if teacher_head.bias is None else teacher_head.bias[:vocab],

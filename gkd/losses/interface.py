@@ -39,13 +39,38 @@ class LossBatch:
 
     Padding-free (gkd.packing): several rows concatenated into one sequence, attention_mask None and
     position_ids restarting at 0 at each row (the model then keeps the rows apart; use_cache must be
-    off, or transformers does not look for packed rows); sft_rows is then per position."""
+    off, or transformers does not look for packed rows); sft_rows is then per position.
+
+    teacher_view: what the teacher reads when it differs from what the student reads (OPSD's privileged
+    prompt): the same completions after other prompts, labelled the same way, so that the k-th counted
+    position of one is the k-th of the other; None: the teacher reads the student's batch."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     labels: torch.Tensor
     sft_rows: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+    teacher_view: LossBatch | None = None
+
+    def teacher_inputs(self) -> dict:
+        """The teacher's forward arguments."""
+        return (self.teacher_view or self).forward_kwargs()
+
+    def as_student_positions(self, teacher_values: torch.Tensor) -> torch.Tensor:
+        """The teacher's per-position values (batch, teacher positions, ...) moved to the student's positions:
+        each counted completion position takes the teacher's value at the same completion token; positions
+        the loss does not count hold zeros. Without a teacher_view, the values as they are."""
+        if self.teacher_view is None:
+            return teacher_values
+        rows = self.targets().reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
+        teacher_rows = self.teacher_view.targets().reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
+        if rows.numel() != teacher_rows.numel():
+            raise ValueError(f"the teacher's view counts {teacher_rows.numel()} positions, the student's "
+                             f"{rows.numel()}: both must label the same completion tokens")
+        flat = teacher_values.reshape(-1, *teacher_values.shape[2:])
+        moved = flat.new_zeros((self.labels.numel(), *teacher_values.shape[2:]))
+        moved[rows.to(moved.device)] = flat[teacher_rows.to(flat.device)]
+        return moved.reshape(*self.labels.shape, *teacher_values.shape[2:])
 
     def forward_kwargs(self, **extra) -> dict:
         inputs = {"input_ids": self.input_ids, "use_cache": False, **extra}
@@ -110,7 +135,8 @@ class LogitsLossImpl(LossImpl):
     def __call__(self, student, teacher, batch: LossBatch, student_module=None) -> LossSums:
         student_logits = student(**batch.forward_kwargs()).logits
         with torch.no_grad(), teacher.running():
-            teacher_side = self.teacher_side(teacher.model(**batch.forward_kwargs()).logits)
+            teacher_logits = batch.as_student_positions(teacher.model(**batch.teacher_inputs()).logits)
+            teacher_side = self.teacher_side(teacher_logits)
         return self.sums(student_logits, teacher_side, batch.targets(), batch.sft_targets())
 
     def sums(self, student_logits, teacher_side, targets, sft_targets) -> LossSums:
