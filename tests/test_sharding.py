@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from conftest import REPO, free_port
 from gkd.trainer import sample_source
 
-STEPS = 3
+STEPS = 4
 COMMON = ["--max_steps", STEPS, "--seed", 3, "--optim", "sgd", "--learning_rate", "0.5", "--lmbda", 0.5,
           "--lr_scheduler_type", "constant", "--temperature", 1.0, "--torch_dtype", "float32",
           "--max_completion_length", 12, "--logging_steps", 1, "--report_to", "none", "--disable_tqdm", "true",
