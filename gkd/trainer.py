@@ -129,8 +129,8 @@ class GKDTrainer(Trainer):
         # autocast, as in its training forward (vLLM engines hold weights in their own dtype).
         self.student_engine = student_engine or TransformersEngine(
             model, self.pad_token_id, autocast=self.accelerator.autocast, sharding=self.shardings["student"])
-        self.teacher_engine = teacher_engine or TransformersEngine(
-            self.accelerator.unwrap_model(self.teacher.model), self.pad_token_id, sharding=self.teacher.sharding)
+        self.teacher_engine = teacher_engine or self.teacher.sampling_engine(self.pad_token_id,
+                                                                             self.accelerator.unwrap_model)
         self._weights_synced_at_step = None
         self._reset_metrics()
         self._metrics_since_step = None  # set at the first step: a resumed run starts at its checkpoint's step
@@ -195,6 +195,8 @@ class GKDTrainer(Trainer):
         started = time.perf_counter()
         settings = self._sampling_settings()
         for source, engine in (("student", self.student_engine), ("teacher", self.teacher_engine)):
+            if engine is None:  # a served teacher writes no completions (gkd-train refuses seq_kd with it)
+                continue
             chosen = [(m, row) for m, batch_sources in enumerate(sources)
                       for row, name in enumerate(batch_sources) if name == source]
             # A collective engine, or one whose model is sharded, is called by every process as soon as any one

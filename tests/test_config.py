@@ -7,6 +7,7 @@ import torch
 
 from gkd.config import parse_config
 from gkd.errors import GKDUserError
+from gkd.teachers.served import parse_teacher_servers
 
 REQUIRED = ["--model", "s", "--teacher_model", "t", "--dataset", "d.jsonl"]
 
@@ -302,9 +303,47 @@ def test_top_k_minus_one_or_zero_is_off(tmp_path, value, expected):
         parse_infer_config(["--model", "m", "--val_dataset", "d.jsonl", "--result_path", "r.jsonl", "--top_k", "-3"])
 
 
+SERVER = ["--teacher_model_server", "http://127.0.0.1:8000"]
+TWO_SERVERS = '[{"url": "http://a:1", "tags": ["m.jsonl"]}, {"url": "http://b:2", "tags": ["c.jsonl"]}]'
+
+
 @pytest.mark.parametrize("flags, expected", [
-    (["--teacher_model_server", "http://localhost:8000", "--gkd_logits_topk", "64"],
-     "--teacher_model_server http://localhost:8000: a served teacher is not supported by gkd-train yet"),
+    (["--gkd_logits_topk", "8"], "--teacher_model_server http://127.0.0.1:8000: not together with --teacher_model t"),
+    ([], "--teacher_model_server http://127.0.0.1:8000: needs --gkd_logits_topk K"),
+    (["--gkd_logits_topk", "8", "--seq_kd", "true"], "--teacher_model_server http://127.0.0.1:8000: --seq_kd true"),
+    (["--gkd_logits_topk", "8", "--padding_free", "true"], "--teacher_model_server http://127.0.0.1:8000: not with "
+     "--padding_free"),
+    (["--gkd_logits_topk", "8", "--gkd_logits_topk_tail", "true"], "--gkd_logits_topk_tail with "
+     "--teacher_model_server http://127.0.0.1:8000: needs --loss_temperature 1"),
+])
+def test_a_served_teacher_is_refused_in_one_line_where_it_cannot_work(tmp_path, flags, expected):
+    # REQUIRED names --teacher_model t; the other cases drop it
+    argv = [*REQUIRED, "--output_dir", str(tmp_path / "o"), *SERVER, *flags]
+    if not expected.endswith("--teacher_model t"):
+        at = argv.index("--teacher_model")
+        del argv[at:at + 2]
+    with pytest.raises(GKDUserError) as error:
+        parse_config(argv)
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+def test_served_teachers_parse_as_ms_swift_writes_them():
+    assert parse_teacher_servers(" http://h:8000 ") == [{"url": "http://h:8000", "tags": []}]
+    assert parse_teacher_servers('[{"url": "http://h:1"}]') == [{"url": "http://h:1", "tags": []}]
+    assert parse_teacher_servers(TWO_SERVERS)[1] == {"url": "http://b:2", "tags": ["c.jsonl"]}
+    for value, expected in (("[{", "not valid JSON"), ("[]", "expected a URL or a non-empty JSON list"),
+                            ('[{"url": "a", "tags": ["x"]}, {"url": "b"}]', "teacher 1 has no tags"),
+                            ('[{"url": "a", "tags": ["x"]}, {"url": "b", "tags": ["x"]}]', "tag 'x' is in teachers 0 and 1")):
+        with pytest.raises(GKDUserError, match=expected):
+            parse_teacher_servers(value)
+    with pytest.raises(GKDUserError, match="several served teachers routed by --teacher_tag_key are not supported"):
+        parse_config(["--model", "s", "--dataset", "d.jsonl", "--teacher_model_server", TWO_SERVERS,
+                      "--gkd_logits_topk", "8"])
+    assert parse_config(["--model", "s", "--dataset", "d.jsonl", *SERVER, "--gkd_logits_topk", "8", "--loss_temperature",
+                         "1", "--gkd_logits_topk_tail", "true"]).gkd.teacher_model_server == "http://127.0.0.1:8000"
+
+
+@pytest.mark.parametrize("flags, expected", [
     (["--external_plugins", "examples/train/rlhf/opsd/opsd_plugin.py"],
      "--external_plugins examples/train/rlhf/opsd/opsd_plugin.py: ms-swift plugins register ms-swift classes"),
     (["--multi_turn_scheduler", "math_tip_trick", "--max_turns", "2"],

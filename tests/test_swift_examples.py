@@ -173,7 +173,9 @@ STOPS = {
     "rlhf/gkd/fast.sh": SHARDED_ON_ONE_CPU,
     "rlhf/gkd/full.sh": SHARDED_ON_ONE_CPU,
     "rlhf/gkd/multi_turn.sh": "--multi_turn_scheduler math_tip_trick: multi-turn rollouts are not supported",
-    "rlhf/gkd/teacher_server.sh": "--teacher_model_server http://localhost:8000: a served teacher is not supported",
+    "rlhf/gkd/teacher_server.sh": (None if importlib.util.find_spec("swanlab") else "--report_to swanlab: its Python "
+                                   "package is not installed") or (None if importlib.util.find_spec("vllm") else
+                                                                   "--use_vllm true needs vLLM in this environment"),
     "rlhf/gkd/think_model.sh": SHARDED_ON_ONE_CPU,
     "rlhf/gkd/vllm_colocate.sh": (None if importlib.util.find_spec("vllm") else "--use_vllm true needs vLLM in this "
                                   "environment") or SHARDED_ON_ONE_CPU,
@@ -184,7 +186,7 @@ STOPS = {
     "multimodal/rlhf/gkd/full.sh": SHARDED_ON_ONE_CPU,
 }
 # Flags of the capabilities above (name -> how many values follow), dropped for the runs below.
-OPEN_CAPABILITY_FLAGS = {"--teacher_model_server": 1, "--external_plugins": 1, "--multi_turn_scheduler": 1,
+OPEN_CAPABILITY_FLAGS = {"--external_plugins": 1, "--multi_turn_scheduler": 1,
                          "--max_turns": 1}
 GPU_ONLY_SWAPS = {("--attn_impl", "flash_attn"): "sdpa", ("--infer_backend", "vllm"): "transformers",
                   ("--sleep_level", "1"): "0"}  # vLLM's sleep mode needs a GPU
@@ -234,7 +236,7 @@ def test_each_training_example_parses_then_stops_on_what_gkd_lacks(name):
         assert str(error.value).startswith(STOPS[name]), str(error.value)
     # Without those flags every other flag of the command parses; what may still stop it is only what this
     # environment lacks (vLLM lives in an environment of its own here, swanlab is not installed, one CPU
-    # process cannot shard); with no served teacher left, teacher_server.sh is self-distillation.
+    # process cannot shard).
     try:
         parse_config(without_open_capabilities(argv))
     except GKDUserError as error:

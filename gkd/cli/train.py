@@ -21,6 +21,7 @@ from gkd.packing import pack_examples
 from gkd.run_folder import RunFolderCallback, latest_checkpoint, remove_unfinished_run, start_run_folder
 from gkd.sharding.zero import loading_teacher
 from gkd.teachers import STUDENT, STUDENT_BASE
+from gkd.teachers.served import ServedTeacher
 from gkd.tokenize import check_chat_template
 
 logger = logging.getLogger("gkd")
@@ -130,7 +131,7 @@ def train(config: GKDConfig) -> None:
         teacher_dir = model_args.teacher_model and resolve_model(
             model_args.teacher_model, use_hf=use_hf, flag="--teacher_model", revision=model_args.teacher_model_revision)
 
-    teacher = self_distillation_teacher(config, student_dir, teacher_dir)  # or None: --teacher_model loads below
+    teacher = None if gkd_args.teacher_model_server else self_distillation_teacher(config, student_dir, teacher_dir)
 
     # Tokenizer and data first: a bad row should stop the run before minutes of model loading.
     tokenizer = load_tokenizer(student_dir, model_args.trust_remote_code)
@@ -170,7 +171,11 @@ def train(config: GKDConfig) -> None:
     set_mixed_precision(training, dtype)
     student = load_model(student_dir, student_weight_dtype(dtype, training), model_args.attn_impl,
                          model_args.trust_remote_code, "--model")
-    if teacher is None:
+    if gkd_args.teacher_model_server:  # asked now what it serves: a wrong server stops the run before it starts
+        teacher = ServedTeacher(gkd_args.teacher_model_server, gkd_args.gkd_logits_topk, gkd_args.loss_temperature,
+                                gkd_args.gkd_logits_topk_tail, tokenizer)
+        compared_vocab_size = check_vocabularies(tokenizer, None, student, student, model_args.model, model_args.model)
+    elif teacher is None:  # --teacher_model, loaded in this process
         with loading_teacher(training, gkd_args.teacher_deepspeed):  # partitioned as it loads under ZeRO-3
             teacher = load_model(teacher_dir, dtype, model_args.attn_impl, model_args.trust_remote_code,
                                  "--teacher_model")

@@ -217,9 +217,10 @@ class GKDArguments:
         metadata={"help": "With --add_version false: write into a non-empty --output_dir (files of the same name "
                   "are replaced)."},
     )
-    # ms-swift flags of capabilities gkd does not have yet: they parse, and gkd.config.checks stops the run.
     teacher_model_server: str | None = field(
-        default=None, metadata={"help": "A served teacher (URL or JSON list): not supported yet."}
+        default=None, metadata={"help": "The teacher as a vLLM OpenAI-compatible server (`vllm serve TEACHER "
+                                "--max-logprobs K`): its URL. Needs --gkd_logits_topk K. ms-swift's JSON list of "
+                                "{url, tags} is read; several teachers are not supported yet."}
     )
     teacher_tag_key: str = field(default="dataset", metadata={"help": "Row column that routes served teachers."})
     teacher_deepspeed: str | None = field(
@@ -228,6 +229,7 @@ class GKDArguments:
                   "student's --deepspeed). zero3 / zero3_offload partition it across the processes (offload: in "
                   "CPU memory) as an inference engine without optimizer; other stages keep it whole in each."},
     )
+    # ms-swift flags of capabilities gkd does not have yet: they parse, and gkd.config.checks stops the run.
     external_plugins: list[str] = field(
         default_factory=list, metadata={"help": "ms-swift plugin files: not supported (they register ms-swift classes)."}
     )

@@ -13,6 +13,7 @@ from gkd.errors import GKDUserError
 from gkd.packing import check_padding_free
 from gkd.sharding.cpu_world import uses_fsdp
 from gkd.sharding.zero import read_config, zero_stage
+from gkd.teachers.served import parse_teacher_servers
 from gkd.tokenize import LOSS_SCALES
 
 
@@ -30,9 +31,6 @@ def missing_capabilities(config: GKDConfig) -> list[str | None]:
     """ms-swift flags that parse but ask for what gkd-train cannot do yet."""
     model, data, gkd = config.model, config.data, config.gkd
     return [
-        None if gkd.teacher_model_server is None else
-        f"--teacher_model_server {gkd.teacher_model_server}: a served teacher is not supported by gkd-train yet; "
-        "load it in process with --teacher_model",
         None if not gkd.external_plugins else
         f"--external_plugins {' '.join(gkd.external_plugins)}: ms-swift plugins register ms-swift classes and do "
         "not run in gkd-train; for OPSD's privileged teacher prompt, give the rows a teacher_prompt column",
@@ -114,6 +112,30 @@ def check_sharding(config: GKDConfig) -> list[str | None]:
     ]
 
 
+def check_teacher_server(config: GKDConfig) -> list[str | None]:
+    """--teacher_model_server: what it needs (the top-k loss) and what it cannot do yet."""
+    model, data, gkd = config.model, config.data, config.gkd
+    if gkd.teacher_model_server is None:
+        return []
+    flag = f"--teacher_model_server {gkd.teacher_model_server}"
+    teachers = parse_teacher_servers(gkd.teacher_model_server)
+    return [
+        None if model.teacher_model is None else f"{flag}: not together with --teacher_model {model.teacher_model} "
+        "(one teacher: served, or loaded in process)",
+        None if gkd.gkd_logits_topk is not None else f"{flag}: needs --gkd_logits_topk K (the server returns its "
+        "top K log-probabilities per position; start it with --max-logprobs K)",
+        None if len(teachers) == 1 else f"{flag}: several served teachers routed by --teacher_tag_key are not "
+        "supported by gkd-train yet; serve one teacher",
+        None if not gkd.seq_kd else f"{flag}: --seq_kd true (the served teacher writing completions) is not "
+        "supported yet; pre-sample its completions with gkd-infer and train on them",
+        None if not (data.padding_free or data.packing) else f"{flag}: not with --padding_free / --packing (the "
+        "server reads padded rows)",
+        None if not gkd.gkd_logits_topk_tail or gkd.loss_temperature == 1 else
+        f"--gkd_logits_topk_tail with {flag}: needs --loss_temperature 1 (the server's log-probabilities are at "
+        "temperature 1, and the mass outside the top K at another temperature is unknown)",
+    ]
+
+
 def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> None:
     """Refuse out-of-range and contradictory settings before any model loads."""
     model, data, gkd, tuner, vllm = config.model, config.data, config.gkd, config.tuner, config.vllm
@@ -171,6 +193,7 @@ def check_config(config: GKDConfig, origin: dict[str, str] | None = None) -> Non
     if gkd.sft_alpha > 0 and gkd.lmbda == 1:
         problems.append(f"--sft_alpha {gkd.sft_alpha} has no effect with --lmbda 1 (every completion is the student's)")
     problems += check_sharding(config)
+    problems += check_teacher_server(config)
     resume = training.resume_from_checkpoint
     if resume and resume.lower() not in ("true", "last") and not os.path.isdir(resume):
         problems.append(f"--resume_from_checkpoint {resume}: no such checkpoint folder (or 'true' for the latest)")

@@ -8,13 +8,15 @@ chunked and top-k ones read both models' logits, the fused one their last hidden
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from gkd.losses.common import IGNORE_INDEX  # gkd.data.IGNORE_INDEX: the label of prompt and padding positions
-from gkd.teachers.base import Teacher
+
+if TYPE_CHECKING:
+    from gkd.teachers.base import Teacher
 
 
 @dataclass(frozen=True)

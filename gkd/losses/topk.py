@@ -156,14 +156,16 @@ def topk_generalized_jsd_loss(
 
 
 class TopKLoss(LogitsLossImpl):
-    """--gkd_logits_topk K: the teacher's logits shrink to its top K right after its forward."""
+    """--gkd_logits_topk K: the teacher gives its top K per position (Teacher.top_k: a model's logits shrink
+    to them right after its forward; a served teacher returns them), never full logits."""
 
     name = "topk"
 
-    def teacher_side(self, teacher_logits):
-        # a flattened (positions, vocab) view: the compared vocabulary is read in place
+    def __call__(self, student, teacher, batch, student_module=None):
+        student_logits = student(**batch.forward_kwargs()).logits
         settings = self.settings
-        return teacher_topk(flat_vocab(teacher_logits, settings.vocab_size), settings.topk, settings.temperature)
+        teacher_side = teacher.top_k(batch, settings.topk, settings.temperature, settings.vocab_size)
+        return self.sums(student_logits, teacher_side, batch.targets(), batch.sft_targets())
 
     def divergence(self, student_logits, teacher_side, targets):
         return topk_generalized_jsd_loss(flat_vocab(student_logits, self.settings.vocab_size), teacher_side,

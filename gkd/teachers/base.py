@@ -4,6 +4,9 @@ import contextlib
 
 import torch
 
+from gkd.losses.interface import flat_vocab
+from gkd.losses.topk import TeacherTopK, teacher_topk
+from gkd.sampling.transformers_engine import TransformersEngine
 from gkd.sharding.base import ModelSharding, Replicated
 
 
@@ -15,6 +18,18 @@ class Teacher:
 
     def __init__(self, model: torch.nn.Module, sharding: ModelSharding | None = None):
         self.model, self.sharding = model, sharding or Replicated()
+
+    def top_k(self, batch, topk: int, temperature: float, vocab_size: int) -> TeacherTopK:
+        """Its top-k tokens at every position of the student's batch (LossBatch), flattened: what
+        --gkd_logits_topk's loss compares, reduced right after the forward so the full logits can go."""
+        with torch.no_grad(), self.running():
+            logits = batch.as_student_positions(self.model(**batch.teacher_inputs()).logits)
+            return teacher_topk(flat_vocab(logits, vocab_size), topk, temperature)
+
+    def sampling_engine(self, pad_token_id: int, unwrap):
+        """What writes its seq_kd completions: transformers generate on its model (unwrap: the accelerator's,
+        for a prepared model), sharded as it is; None for a teacher that writes none."""
+        return TransformersEngine(unwrap(self.model), pad_token_id, sharding=self.sharding)
 
     def running(self):
         """What must hold while the teacher runs (a forward, a generation, the loss probe)."""

