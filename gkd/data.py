@@ -293,15 +293,18 @@ def split_prompt_completion(messages: list[dict]) -> tuple[list[dict], str | Non
 
 def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=None,
                   truncation_strategy="delete", need_completions=True, reason_completions_needed="",
-                  dataset_num_proc=1, load_from_cache_file=False, enable_thinking=None, loss_scale="last_round"):
+                  dataset_num_proc=1, load_from_cache_file=False, enable_thinking=None, loss_scale="last_round",
+                  teacher_tag_key=None):
     """Read, normalise and tokenize every --dataset spec into examples: {"prompt_ids", "completion_ids",
-    "prompt_label_spans", "teacher_prompt_ids", "dataset"}.
+    "prompt_label_spans", "teacher_prompt_ids", "dataset", "teacher_tag"}.
 
     completion_ids is None for a prompt-only row. prompt_label_spans lists the (start, end) positions of
     prompt_ids to supervise besides the completion: the earlier assistant turns under loss_scale 'default'
     (ms-swift: every assistant turn), none under 'last_round' (ms-swift's GKD default: the last turn only).
     teacher_prompt_ids: the teacher's own prompt for a row with a teacher_prompt (OPSD), else None.
     dataset is the spec's source (ms-swift's `dataset` column); split_train_val splits each one apart.
+    teacher_tag: what routes the row to one of several served teachers, --teacher_tag_key's value (`dataset`:
+    the spec's source, as ms-swift's injected column; another name: the row's column, as a string), or None.
     max_length bounds the prompt (see gkd.tokenize.truncate). enable_thinking, when not None, is passed to
     the chat template. dataset_num_proc: worker processes of the tokenization; load_from_cache_file: reuse
     (and write) the tokenized rows in datasets' cache folder (gkd.tokenize.tokenize_records).
@@ -310,7 +313,7 @@ def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=N
     examples, dropped = [], 0
     for text in specs:
         spec = DatasetSpec.parse(text)
-        records = []
+        records, tags = [], []
         for where, row in read_rows(spec, seed):
             prompt_messages, completion = split_prompt_completion(row_to_messages(row, where, system))
             if completion is None and need_completions:
@@ -326,13 +329,16 @@ def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=N
                                    "supervised in two different prompts) is not supported; use --loss_scale "
                                    "last_round")
             records.append((where, prompt_messages, completion, teacher_view))
+            tag = spec.source if teacher_tag_key == "dataset" else row.get(teacher_tag_key) if teacher_tag_key else None
+            tags.append(None if tag is None else str(tag))
         tokenized = tokenize_records(
             records, tokenizer, stop_ids=stop_ids, max_length=max_length, truncation_strategy=truncation_strategy,
             enable_thinking=enable_thinking, loss_scale=loss_scale, system=system, num_proc=dataset_num_proc,
             load_from_cache_file=load_from_cache_file, desc=f"tokenizing {spec.source}",
         )
         dropped += tokenized.count(None)
-        examples += [{**example, "dataset": spec.source} for example in tokenized if example is not None]
+        examples += [{**example, "dataset": spec.source, "teacher_tag": tag}
+                     for example, tag in zip(tokenized, tags) if example is not None]
     if dropped:
         logger.warning("dropped %d rows longer than --max_length %s (the prompt, or prompt + dataset completion; "
                        "--truncation_strategy %s)", dropped, max_length, truncation_strategy)
@@ -383,6 +389,7 @@ def collate_examples(features: list[dict]) -> dict:
         "completion_ids": [feature["completion_ids"] for feature in features],
         "prompt_label_spans": [feature.get("prompt_label_spans") or [] for feature in features],
         "teacher_prompt_ids": [feature.get("teacher_prompt_ids") for feature in features],
+        "teacher_tags": [feature.get("teacher_tag") for feature in features],
     }
 
 

@@ -226,12 +226,16 @@ class GKDTrainer(Trainer):
         teacher_prompt = (batch.get("teacher_prompt_ids") or [None] * (row + 1))[row]
         return teacher_prompt if source == "teacher" and teacher_prompt is not None else batch["prompt_ids"][row]
 
-    def _tensors(self, prompts, completions, vocab_size=None, prompt_label_spans=None, teacher_prompts=None) -> dict:
+    def _tensors(self, prompts, completions, vocab_size=None, prompt_label_spans=None, teacher_prompts=None,
+                 teacher_tags=None) -> dict:
         """build_batch's padded tensors, or (--padding_free) one sequence of the rows (gkd.packing.pack_batch).
         teacher_prompts: per row its teacher prompt (OPSD) or None; if any row has one, teacher_* tensors hold
-        what the teacher reads: every row's teacher prompt (or its prompt) before the same completion."""
+        what the teacher reads: every row's teacher prompt (or its prompt) before the same completion.
+        teacher_tags: per row, what routes it to one of several served teachers (kept as a list)."""
         tensors = build_batch(prompts, completions, self.pad_token_id, vocab_size, prompt_label_spans)
         tensors = pack_batch(tensors) if self.padding_free else tensors
+        if teacher_tags and any(tag is not None for tag in teacher_tags):
+            tensors["teacher_tags"] = list(teacher_tags)
         if teacher_prompts and any(prompt is not None for prompt in teacher_prompts):
             view = build_batch([own if teacher is None else teacher for own, teacher in zip(prompts, teacher_prompts)],
                                completions, self.pad_token_id, vocab_size)
@@ -241,7 +245,7 @@ class GKDTrainer(Trainer):
     def _batch_tensors(self, batch: dict, sources: list[str]) -> dict:
         prompts, completions = batch["prompt_ids"], batch["completion_ids"]
         tensors = self._tensors(prompts, completions, self.vocab_size, batch.get("prompt_label_spans"),
-                                batch.get("teacher_prompt_ids"))
+                                batch.get("teacher_prompt_ids"), batch.get("teacher_tags"))
         tensors["from_student"] = torch.tensor([source == "student" for source in sources])
         for source in sources:
             self._metrics[f"samples_{source}"] += 1
@@ -286,7 +290,7 @@ class GKDTrainer(Trainer):
             return LossBatch(inputs["input_ids"], None, inputs["labels"], sft_rows, inputs["position_ids"],
                              teacher_view)
         return LossBatch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], sft_rows,
-                         teacher_view=teacher_view)
+                         teacher_view=teacher_view, teacher_tags=inputs.get("teacher_tags"))
 
     def _loss_sums(self, model, inputs, sft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed generalized JSD and summed cross-entropy (on non-student samples; 0 when sft is False or
@@ -347,8 +351,10 @@ class GKDTrainer(Trainer):
         for inputs in dataloader:
             batch = self._tensors(inputs["prompt_ids"], inputs["completion_ids"],
                                   prompt_label_spans=inputs.get("prompt_label_spans"),
-                                  teacher_prompts=inputs.get("teacher_prompt_ids"))
-            batch = {name: tensor.to(self.args.device) for name, tensor in batch.items()}
+                                  teacher_prompts=inputs.get("teacher_prompt_ids"),
+                                  teacher_tags=inputs.get("teacher_tags"))
+            batch = {name: tensor.to(self.args.device) if isinstance(tensor, torch.Tensor) else tensor
+                     for name, tensor in batch.items()}
             batch["from_student"] = torch.zeros(len(inputs["prompt_ids"]), dtype=torch.bool, device=self.args.device)
             with torch.no_grad(), self.compute_loss_context_manager():
                 jsd_sum, _ = self._loss_sums(model, batch, sft=False)  # eval_loss is the JSD alone: no SFT term

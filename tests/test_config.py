@@ -336,9 +336,8 @@ def test_served_teachers_parse_as_ms_swift_writes_them():
                             ('[{"url": "a", "tags": ["x"]}, {"url": "b", "tags": ["x"]}]', "tag 'x' is in teachers 0 and 1")):
         with pytest.raises(GKDUserError, match=expected):
             parse_teacher_servers(value)
-    with pytest.raises(GKDUserError, match="several served teachers routed by --teacher_tag_key are not supported"):
-        parse_config(["--model", "s", "--dataset", "d.jsonl", "--teacher_model_server", TWO_SERVERS,
-                      "--gkd_logits_topk", "8"])
+    assert parse_config(["--model", "s", "--dataset", "d.jsonl", "--teacher_model_server", TWO_SERVERS,
+                         "--gkd_logits_topk", "8"]).gkd.teacher_tag_key == "dataset"
     assert parse_config(["--model", "s", "--dataset", "d.jsonl", *SERVER, "--gkd_logits_topk", "8", "--loss_temperature",
                          "1", "--gkd_logits_topk_tail", "true"]).gkd.teacher_model_server == "http://127.0.0.1:8000"
 

@@ -428,6 +428,7 @@ def test_loss_scale_default_supervises_every_assistant_turn(tmp_path, tokenizer)
 
     collated = collate_examples([example])
     assert collated.pop("teacher_prompt_ids") == [None]
+    assert collated.pop("teacher_tags") == [None]
     batch = build_batch(**collated, pad_token_id=tokenizer.pad_token_id)
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     supervised = [position for position, label in enumerate(labels) if label != IGNORE_INDEX]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import free_port
+from conftest import free_port, write_jsonl
 from gkd.errors import GKDUserError
 from gkd.sampling import SamplingSettings
 from gkd.teachers.served import ServedTeacher
@@ -74,7 +74,7 @@ def test_the_served_teacher_gives_the_in_process_teachers_loss(tmp_path, tiny, t
     for kind in ("in process", "served"):
         student = load(tiny, "student")
         teacher = load(tiny, "teacher") if kind == "in process" else \
-            ServedTeacher(server, topk, temperature, tail, tokenizer)
+            ServedTeacher([{"url": server, "tags": []}], topk, temperature, tail, tokenizer)
         trainer = make_trainer(tmp_path / kind.replace(" ", "-"), tokenizer, student, teacher, gkd_logits_topk=topk,
                                gkd_logits_topk_tail=tail, loss_temperature=temperature)
         assert trainer.loss_impl == "topk"
@@ -96,14 +96,17 @@ def test_the_served_teacher_gives_the_in_process_teachers_loss(tmp_path, tiny, t
 def test_a_wrong_server_is_one_line(tmp_path, tiny, server):
     tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
     down = f"http://127.0.0.1:{free_port()}"
+    def served(url, topk):
+        return ServedTeacher([{"url": url, "tags": []}], topk, 1.0, False, tokenizer)
+
     with pytest.raises(GKDUserError, match=f"--teacher_model_server {down}: /v1/models failed 2 times"):
-        ServedTeacher(down, 16, 1.0, False, tokenizer)
+        served(down, 16)
     with pytest.raises(GKDUserError, match=rf"--gkd_logits_topk {VOCAB + 1}: .* refused {VOCAB + 1} log-probabilities "
                                            rf"per position \(.*\); start it with --max-logprobs {VOCAB + 1}"):
-        ServedTeacher(server, VOCAB + 1, 1.0, False, tokenizer)
+        served(server, VOCAB + 1)
     tokenizer.add_tokens(["<other>"])
     with pytest.raises(GKDUserError, match="whose tokenizer differs from the student's"):
-        ServedTeacher(server, 16, 1.0, False, tokenizer)
+        served(server, 16)
 
 
 def test_gkd_train_distils_from_the_server(tmp_path, tiny, server):
@@ -124,3 +127,51 @@ def test_gkd_train_distils_from_the_server(tmp_path, tiny, server):
     assert down.returncode == 2, down.stderr[-3000:]
     assert down.stderr.strip().splitlines()[-1].startswith("gkd-train: error: --teacher_model_server")
     assert not (tmp_path / "down").exists()
+
+
+def test_two_teachers_each_teach_their_rows(tmp_path, tiny, tokenizer, server):
+    """ms-swift's JSON list: rows routed by their dataset (the default --teacher_tag_key) and by a column. The
+    same server under two URLs (localhost and 127.0.0.1) stands in for two teachers; each gets its rows."""
+    other = server.replace("127.0.0.1", "localhost")
+    rows = [json.loads(line) for line in (tiny / "data" / "train.jsonl").read_text().splitlines()[:16]]
+    math, chat = write_jsonl(tmp_path / "math.jsonl", rows[:8]), write_jsonl(tmp_path / "chat.jsonl", rows[8:])
+    by_file = json.dumps([{"url": server, "tags": [str(math)]}, {"url": other, "tags": [str(chat)]}])
+    by_column = json.dumps([{"url": server, "tags": ["a"]}, {"url": other, "tags": ["b"]}])
+    tagged = write_jsonl(tmp_path / "tagged.jsonl", [{**row, "route": "ab"[index % 2]} for index, row in enumerate(rows)])
+
+    def train(name, datasets, servers, *flags):
+        out = tmp_path / name
+        argv = base_flags(tiny, out)
+        at = argv.index("--teacher_model")
+        argv = [*argv[:at], *argv[at + 2:]]
+        argv[argv.index("--dataset") + 1:argv.index("--dataset") + 2] = datasets
+        return gkd_train(*argv, "--max_steps", 2, "--lmbda", 0, "--gkd_logits_topk", 16, "--teacher_model_server",
+                         servers, *flags)
+
+    for name, datasets, servers, flags in (("by-file", [math, chat], by_file, []),
+                                           ("by-column", [tagged], by_column, ["--teacher_tag_key", "route"])):
+        result = train(name, datasets, servers, *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "at http://127.0.0.1" in result.stderr and "at http://localhost" in result.stderr
+    unrouted = train("unrouted", [tagged], by_column, "--teacher_tag_key", "dataset")
+    assert unrouted.returncode == 2
+    assert unrouted.stderr.strip().splitlines()[-1] == (
+        f"gkd-train: error: --teacher_tag_key dataset: rows tagged {str(tagged)!r} match no served teacher (tags: a, b)")
+    assert not (tmp_path / "unrouted").exists()
+
+
+def test_routing_sends_each_row_to_its_teacher(tmp_path, tiny, tokenizer, server):
+    """At the loss: the rows of one micro-batch go to the teacher their tag names, and the loss equals one
+    teacher's (here both serve the same model)."""
+    other = server.replace("127.0.0.1", "localhost")
+    routed = ServedTeacher([{"url": server, "tags": ["a"]}, {"url": other, "tags": ["b"]}], 16, 1.0, False, tokenizer)
+    single = ServedTeacher([{"url": server, "tags": []}], 16, 1.0, False, tokenizer)
+    sums = []
+    for teacher, tags in ((routed, ["a", "b", "b", "a"]), (single, None)):
+        trainer = make_trainer(tmp_path, tokenizer, load(tiny, "student"), teacher, gkd_logits_topk=16)
+        batch = {**dataset_batch(tokenizer), **({"teacher_tags": tags} if tags else {})}
+        before = [server.received_bytes for server in teacher.servers]
+        sums.append(trainer._loss_sums(trainer.model, batch, sft=False)[0].detach())
+        if tags:
+            assert all(server.received_bytes > seen for server, seen in zip(teacher.servers, before))
+    torch.testing.assert_close(sums[0], sums[1])

@@ -21,7 +21,7 @@ from gkd.packing import pack_examples
 from gkd.run_folder import RunFolderCallback, latest_checkpoint, remove_unfinished_run, start_run_folder
 from gkd.sharding.zero import loading_teacher
 from gkd.teachers import STUDENT, STUDENT_BASE
-from gkd.teachers.served import ServedTeacher
+from gkd.teachers.served import ServedTeacher, parse_teacher_servers
 from gkd.tokenize import check_chat_template
 
 logger = logging.getLogger("gkd")
@@ -137,12 +137,17 @@ def train(config: GKDConfig) -> None:
     tokenizer = load_tokenizer(student_dir, model_args.trust_remote_code)
     check_chat_template(tokenizer, model_args.model)
     stop_ids = stop_token_ids(tokenizer, generation_config(student_dir, model_args.trust_remote_code))
+    servers = parse_teacher_servers(gkd_args.teacher_model_server) if gkd_args.teacher_model_server else []
+    if servers:  # each asked now what it serves: a wrong server stops the run before data and models load
+        teacher = ServedTeacher(servers, gkd_args.gkd_logits_topk, gkd_args.loss_temperature,
+                                gkd_args.gkd_logits_topk_tail, tokenizer, gkd_args.teacher_tag_key)
     need_completions = gkd_args.lmbda < 1 and not gkd_args.seq_kd
     data_seed = training.data_seed if training.data_seed is not None else 42  # ms-swift's data_seed default
     data_settings = dict(seed=data_seed, system=data_args.system, max_length=data_args.max_length,
                          truncation_strategy=data_args.truncation_strategy, dataset_num_proc=data_args.dataset_num_proc,
                          load_from_cache_file=data_args.load_from_cache_file, enable_thinking=data_args.enable_thinking,
-                         loss_scale=data_args.loss_scale)
+                         loss_scale=data_args.loss_scale,
+                         teacher_tag_key=gkd_args.teacher_tag_key if len(servers) > 1 else None)
     with training.main_process_first(local=True, desc="tokenizing"):  # one process fills the cache
         train_examples = load_examples(
             data_args.dataset, tokenizer, stop_ids, need_completions=need_completions,
@@ -157,6 +162,8 @@ def train(config: GKDConfig) -> None:
         if any(example["completion_ids"] is None for example in eval_examples):
             raise GKDUserError(f"--split_dataset_ratio {data_args.split_dataset_ratio}: the held-out rows need "
                                "completions for the evaluation loss, and some have none")
+    if len(servers) > 1:  # every row must have a teacher
+        teacher.check_rows(example["teacher_tag"] for example in train_examples + (eval_examples or []))
     logger.info("%d training rows, %d evaluation rows", len(train_examples), len(eval_examples or []))
     if data_args.packing:  # ms-swift's --packing: a training sample is a bin of rows
         train_examples = pack_examples(train_examples, data_args.packing_length or data_args.max_length)
@@ -171,9 +178,7 @@ def train(config: GKDConfig) -> None:
     set_mixed_precision(training, dtype)
     student = load_model(student_dir, student_weight_dtype(dtype, training), model_args.attn_impl,
                          model_args.trust_remote_code, "--model")
-    if gkd_args.teacher_model_server:  # asked now what it serves: a wrong server stops the run before it starts
-        teacher = ServedTeacher(gkd_args.teacher_model_server, gkd_args.gkd_logits_topk, gkd_args.loss_temperature,
-                                gkd_args.gkd_logits_topk_tail, tokenizer)
+    if servers:
         compared_vocab_size = check_vocabularies(tokenizer, None, student, student, model_args.model, model_args.model)
     elif teacher is None:  # --teacher_model, loaded in this process
         with loading_teacher(training, gkd_args.teacher_deepspeed):  # partitioned as it loads under ZeRO-3

@@ -219,10 +219,12 @@ class GKDArguments:
     )
     teacher_model_server: str | None = field(
         default=None, metadata={"help": "The teacher as a vLLM OpenAI-compatible server (`vllm serve TEACHER "
-                                "--max-logprobs K`): its URL. Needs --gkd_logits_topk K. ms-swift's JSON list of "
-                                "{url, tags} is read; several teachers are not supported yet."}
+                                "--max-logprobs K`): its URL, or ms-swift's JSON list of {url, tags} for several "
+                                "teachers routed by --teacher_tag_key. Needs --gkd_logits_topk K."}
     )
-    teacher_tag_key: str = field(default="dataset", metadata={"help": "Row column that routes served teachers."})
+    teacher_tag_key: str = field(default="dataset", metadata={
+        "help": "What routes a row to one of several served teachers: 'dataset' (the --dataset entry it came "
+                "from) or a column of the rows."})
     teacher_deepspeed: str | None = field(
         default=None,
         metadata={"help": "The teacher's DeepSpeed config (zero0 ... zero3_offload or a JSON file; default: the "

@@ -118,14 +118,12 @@ def check_teacher_server(config: GKDConfig) -> list[str | None]:
     if gkd.teacher_model_server is None:
         return []
     flag = f"--teacher_model_server {gkd.teacher_model_server}"
-    teachers = parse_teacher_servers(gkd.teacher_model_server)
+    parse_teacher_servers(gkd.teacher_model_server)  # a malformed value stops here
     return [
         None if model.teacher_model is None else f"{flag}: not together with --teacher_model {model.teacher_model} "
         "(one teacher: served, or loaded in process)",
         None if gkd.gkd_logits_topk is not None else f"{flag}: needs --gkd_logits_topk K (the server returns its "
         "top K log-probabilities per position; start it with --max-logprobs K)",
-        None if len(teachers) == 1 else f"{flag}: several served teachers routed by --teacher_tag_key are not "
-        "supported by gkd-train yet; serve one teacher",
         None if not gkd.seq_kd else f"{flag}: --seq_kd true (the served teacher writing completions) is not "
         "supported yet; pre-sample its completions with gkd-infer and train on them",
         None if not (data.padding_free or data.packing) else f"{flag}: not with --padding_free / --packing (the "

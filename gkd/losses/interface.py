@@ -53,6 +53,7 @@ class LossBatch:
     sft_rows: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     teacher_view: LossBatch | None = None
+    teacher_tags: list[str | None] | None = None  # per row: which served teacher teaches it (--teacher_tag_key)
 
     def teacher_inputs(self) -> dict:
         """The teacher's forward arguments."""

@@ -12,8 +12,9 @@ process with --gkd_logits_topk K: the top K ids at temperature 1 are the top K a
 renormalising log p / T over them equals renormalising logits / T. The tail bucket needs the mass outside
 the K at the loss temperature, which only temperature 1 gives from these numbers.
 
-Requests go one per row, concurrently (the server batches them), with retries and backoff. At start the
-server is asked what it serves: it must answer, know the student's vocabulary (its /tokenize endpoint
+Several servers (ms-swift's JSON list of {"url", "tags"}) each teach the rows whose --teacher_tag_key value
+is one of their tags. Requests go one per row, concurrently (a server batches them), with retries and
+backoff. At start each server is asked what it serves: it must answer, know the student's vocabulary (its /tokenize endpoint
 gives the student tokenizer's ids for a text made of that vocabulary), and return K log-probabilities.
 """
 
@@ -65,18 +66,17 @@ def parse_teacher_servers(value: str) -> list[dict]:
     return teachers
 
 
-class ServedTeacher(Teacher):
-    def __init__(self, url: str, topk: int, temperature: float, tail: bool, tokenizer, timeout: float = 300.0):
-        super().__init__(model=None)
-        self.url, self.topk, self.temperature, self.tail, self.timeout = url.rstrip("/"), topk, temperature, tail, timeout
+class _Server:
+    """One vLLM OpenAI server: checked at start, then asked for prompt log-probabilities."""
+
+    def __init__(self, url: str, topk: int, tokenizer, timeout: float):
+        self.url, self.topk, self.timeout = url.rstrip("/"), topk, timeout
         self.flag = f"--teacher_model_server {url}"
         self.received_bytes, self._counting = 0, threading.Lock()  # the answers' bodies (scripts/bench_teacher.py)
         self.served_model = self._served_model()
         self._check_vocabulary(tokenizer)
         self._check_logprobs(tokenizer)
         logger.info("teacher: %s at %s, its top %d log-probabilities per position", self.served_model, self.url, topk)
-
-    # ------------------------------------------------------------------ HTTP
 
     def _request(self, path: str, body: dict | None = None, attempts: int = ATTEMPTS) -> dict:
         """GET (no body) or POST JSON; retried with backoff on connection errors and server errors. A 4xx
@@ -86,10 +86,10 @@ class ServedTeacher(Teacher):
         for attempt in range(attempts):
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    body = response.read()
+                    answer = response.read()
                 with self._counting:  # requests run in several threads
-                    self.received_bytes += len(body)
-                return json.loads(body)
+                    self.received_bytes += len(answer)
+                return json.loads(answer)
             except urllib.error.HTTPError as error:
                 text = error.read().decode(errors="replace")
                 if error.code < 500:
@@ -130,16 +130,43 @@ class ServedTeacher(Teacher):
         return {"model": self.served_model, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": self.topk}
 
-    def _prompt_logprobs(self, ids: list[int]) -> list[dict | None]:
+    def prompt_logprobs(self, ids: list[int]) -> list[dict | None]:
         answer = self._request("/v1/completions", self._body(ids))
         if "error" in answer:
             raise GKDUserError(f"{self.flag}: /v1/completions refused a row of {len(ids)} tokens ({answer['error']})")
         return answer["choices"][0]["prompt_logprobs"]
 
+
+class ServedTeacher(Teacher):
+    """servers: parse_teacher_servers' list; with several, each row goes to the one whose tags hold the row's
+    --teacher_tag_key value (gkd-train checks every row has one before training starts)."""
+
+    def __init__(self, servers: list[dict], topk: int, temperature: float, tail: bool, tokenizer,
+                 tag_key: str = "dataset", timeout: float = 300.0):
+        super().__init__(model=None)
+        self.topk, self.temperature, self.tail, self.tag_key = topk, temperature, tail, tag_key
+        self.servers = [_Server(server["url"], topk, tokenizer, timeout) for server in servers]
+        self.routes = {tag: server for server, spec in zip(self.servers, servers) for tag in spec["tags"]}
+
+    @property
+    def received_bytes(self) -> int:
+        return sum(server.received_bytes for server in self.servers)
+
+    def server_of(self, tag: str | None) -> _Server:
+        if len(self.servers) == 1:
+            return self.servers[0]
+        if tag not in self.routes:
+            raise GKDUserError(f"--teacher_tag_key {self.tag_key}: rows tagged {tag!r} match no served teacher "
+                               f"(tags: {', '.join(sorted(self.routes))})")
+        return self.routes[tag]
+
+    def check_rows(self, tags) -> None:
+        """Before training: every row's tag routes it to a teacher (one line naming the first that does not)."""
+        for tag in dict.fromkeys(tags):
+            self.server_of(tag)
+
     def sampling_engine(self, pad_token_id: int, unwrap):
         return None  # its seq_kd completions are not supported yet: gkd-train refuses --seq_kd with a server
-
-    # ------------------------------------------------------------------ what the loss asks
 
     def top_k(self, batch, topk: int, temperature: float, vocab_size: int) -> TeacherTopK:
         if topk != self.topk or temperature != self.temperature:
@@ -149,8 +176,9 @@ class ServedTeacher(Teacher):
             raise ValueError("a served teacher reads padded rows (gkd-train refuses --padding_free with it)")
         lengths = view.attention_mask.sum(1).tolist()
         rows = [view.input_ids[row, :length].tolist() for row, length in enumerate(lengths)]
+        tags = batch.teacher_tags or [None] * len(rows)
         with ThreadPoolExecutor(max_workers=min(len(rows), 16)) as pool:
-            answers = list(pool.map(self._prompt_logprobs, rows))
+            answers = list(pool.map(lambda ids, tag: self.server_of(tag).prompt_logprobs(ids), rows, tags))
         counted = view.targets().ne(IGNORE_INDEX).cpu()
         logprobs = torch.zeros(*view.labels.shape, topk, dtype=torch.float32)
         ids = torch.zeros(*view.labels.shape, topk, dtype=torch.long)
@@ -161,7 +189,7 @@ class ServedTeacher(Teacher):
                 ids[row, position] = torch.tensor([int(token) for token, _ in best])
                 logprobs[row, position] = torch.tensor([entry["logprob"] for _, entry in best])
         if int(ids.max()) >= vocab_size:
-            raise GKDUserError(f"{self.flag}: the teacher ranks token id {int(ids.max())} among its top {topk}, "
+            raise GKDUserError(f"--teacher_model_server: the teacher ranks token id {int(ids.max())} among its top {topk}, "
                                f"outside the {vocab_size} rows compared with the student")
         if self.tail:  # at temperature 1 (checked at start): the mass outside the K
             tail = torch.log1p(-logprobs.exp().sum(-1).clamp(max=1.0))
