@@ -54,22 +54,29 @@ def server(tiny):
         process.wait()
 
 
-def student_batch(trainer, tokenizer):
-    """lmbda 1's batch: the dataset's prompts with completions the student sampled."""
-    prompts = [example["prompt_ids"] for example in make_examples(tokenizer)]
-    completions = trainer.student_engine.generate(
+def batches(trainer, tokenizer):
+    """lmbda 0's batch (the dataset's completions) and lmbda 1's (completions the student sampled), built as
+    the trainer builds them (padded, or packed under --padding_free)."""
+    examples = make_examples(tokenizer)
+    prompts = [example["prompt_ids"] for example in examples]
+    sampled = trainer.student_engine.generate(
         prompts, SamplingSettings(max_new_tokens=12, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,)),
         seeds=list(range(len(prompts))))
-    tensors = trainer._tensors(prompts, completions, VOCAB)
-    tensors["from_student"] = torch.ones(len(prompts), dtype=torch.bool)
-    return tensors
+    built = []
+    for completions in ([example["completion_ids"] for example in examples], sampled):
+        tensors = trainer._tensors(prompts, completions, VOCAB)
+        tensors["from_student"] = torch.ones(len(prompts), dtype=torch.bool)
+        built.append(tensors)
+    return built
 
 
-@pytest.mark.parametrize("topk, tail, temperature", [(16, False, 0.9), (16, True, 1.0), (VOCAB, False, 1.0),
-                                                     (VOCAB, True, 1.0)])
+@pytest.mark.parametrize("topk, tail, temperature, padding_free", [
+    (16, False, 0.9, False), (16, True, 1.0, False), (VOCAB, False, 1.0, False), (VOCAB, True, 1.0, False),
+    (16, False, 0.9, True)])
 def test_the_served_teacher_gives_the_in_process_teachers_loss(tmp_path, tiny, tokenizer, server, topk, tail,
-                                                               temperature):
-    """Dataset completions (lmbda 0) and the student's own (lmbda 1): value and gradient as in process."""
+                                                               temperature, padding_free):
+    """Dataset completions (lmbda 0) and the student's own (lmbda 1), padded and padding-free: value and
+    gradient as in process."""
     results = {}
     for kind in ("in process", "served"):
         student = load(tiny, "student")
@@ -78,14 +85,15 @@ def test_the_served_teacher_gives_the_in_process_teachers_loss(tmp_path, tiny, t
         trainer = make_trainer(tmp_path / kind.replace(" ", "-"), tokenizer, student, teacher, gkd_logits_topk=topk,
                                gkd_logits_topk_tail=tail, loss_temperature=temperature)
         assert trainer.loss_impl == "topk"
-        batches = [dataset_batch(tokenizer), student_batch(trainer, tokenizer)]
+        trainer.padding_free = padding_free  # (what --padding_free sets)
+        built = batches(trainer, tokenizer)
         sums = []
-        for batch in batches:
+        for batch in built:
             jsd, _ = trainer._loss_sums(trainer.model, batch, sft=False)
             jsd.backward()
             sums.append(jsd.detach())
         results[kind] = (sums, {name: param.grad.clone() for name, param in student.named_parameters()},
-                         [batch["input_ids"] for batch in batches])
+                         [batch["input_ids"] for batch in built])
     (want, want_grads, want_inputs), (got, got_grads, got_inputs) = results["in process"], results["served"]
     assert all(torch.equal(a, b) for a, b in zip(want_inputs, got_inputs))  # the same student samples
     torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-4, atol=1e-5)

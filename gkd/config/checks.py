@@ -114,7 +114,7 @@ def check_sharding(config: GKDConfig) -> list[str | None]:
 
 def check_teacher_server(config: GKDConfig) -> list[str | None]:
     """--teacher_model_server: what it needs (the top-k loss) and what it cannot do yet."""
-    model, data, gkd = config.model, config.data, config.gkd
+    model, gkd = config.model, config.gkd
     if gkd.teacher_model_server is None:
         return []
     flag = f"--teacher_model_server {gkd.teacher_model_server}"
@@ -126,8 +126,6 @@ def check_teacher_server(config: GKDConfig) -> list[str | None]:
         "top K log-probabilities per position; start it with --max-logprobs K)",
         None if not gkd.seq_kd else f"{flag}: --seq_kd true (the served teacher writing completions) is not "
         "supported yet; pre-sample its completions with gkd-infer and train on them",
-        None if not (data.padding_free or data.packing) else f"{flag}: not with --padding_free / --packing (the "
-        "server reads padded rows)",
         None if not gkd.gkd_logits_topk_tail or gkd.loss_temperature == 1 else
         f"--gkd_logits_topk_tail with {flag}: needs --loss_temperature 1 (the server's log-probabilities are at "
         "temperature 1, and the mass outside the top K at another temperature is unknown)",

@@ -172,22 +172,20 @@ class ServedTeacher(Teacher):
         if topk != self.topk or temperature != self.temperature:
             raise ValueError(f"the served teacher was set up for top {self.topk} at temperature {self.temperature}")
         view = batch.teacher_view or batch
-        if view.attention_mask is None:
-            raise ValueError("a served teacher reads padded rows (gkd-train refuses --padding_free with it)")
-        lengths = view.attention_mask.sum(1).tolist()
-        rows = [view.input_ids[row, :length].tolist() for row, length in enumerate(lengths)]
-        tags = batch.teacher_tags or [None] * len(rows)
-        with ThreadPoolExecutor(max_workers=min(len(rows), 16)) as pool:
-            answers = list(pool.map(lambda ids, tag: self.server_of(tag).prompt_logprobs(ids), rows, tags))
+        spans = _row_spans(view)
+        tags = batch.teacher_tags or [None] * len(spans)
+        with ThreadPoolExecutor(max_workers=min(len(spans), 16)) as pool:
+            answers = list(pool.map(lambda span, tag: self.server_of(tag).prompt_logprobs(
+                view.input_ids[span[0], span[1]:span[2]].tolist()), spans, tags))
         counted = view.targets().ne(IGNORE_INDEX).cpu()
         logprobs = torch.zeros(*view.labels.shape, topk, dtype=torch.float32)
         ids = torch.zeros(*view.labels.shape, topk, dtype=torch.long)
-        for row, answer in enumerate(answers):
-            for position in counted[row].nonzero().squeeze(1).tolist():
+        for (line, start, end), answer in zip(spans, answers):
+            for position in counted[line, start:end].nonzero().squeeze(1).tolist():
                 # entry p + 1: the distribution after positions 0..p, i.e. what position p predicts
                 best = sorted(answer[position + 1].items(), key=lambda item: -item[1]["logprob"])[:topk]
-                ids[row, position] = torch.tensor([int(token) for token, _ in best])
-                logprobs[row, position] = torch.tensor([entry["logprob"] for _, entry in best])
+                ids[line, start + position] = torch.tensor([int(token) for token, _ in best])
+                logprobs[line, start + position] = torch.tensor([entry["logprob"] for _, entry in best])
         if int(ids.max()) >= vocab_size:
             raise GKDUserError(f"--teacher_model_server: the teacher ranks token id {int(ids.max())} among its top {topk}, "
                                f"outside the {vocab_size} rows compared with the student")
@@ -198,6 +196,15 @@ class ServedTeacher(Teacher):
         device = view.input_ids.device
         moved = [batch.as_student_positions(tensor.to(device)) for tensor in (logprobs / temperature, ids, tail)]
         return TeacherTopK(*(tensor.reshape(-1, *tensor.shape[2:]) for tensor in moved), temperature)
+
+
+def _row_spans(view) -> list[tuple[int, int, int]]:
+    """(line, start, end) of each row in a LossBatch: padded rows, or the rows packed into one sequence
+    (--padding_free), which start where position_ids restart at 0."""
+    if view.attention_mask is not None:
+        return [(line, 0, int(length)) for line, length in enumerate(view.attention_mask.sum(1).tolist())]
+    starts = (view.position_ids[0] == 0).nonzero().squeeze(1).tolist()
+    return [(0, start, end) for start, end in zip(starts, [*starts[1:], view.position_ids.shape[1]])]
 
 
 def _error_message(text: str) -> str:
