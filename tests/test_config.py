@@ -310,7 +310,7 @@ TWO_SERVERS = '[{"url": "http://a:1", "tags": ["m.jsonl"]}, {"url": "http://b:2"
 @pytest.mark.parametrize("flags, expected", [
     (["--gkd_logits_topk", "8"], "--teacher_model_server http://127.0.0.1:8000: not together with --teacher_model t"),
     ([], "--teacher_model_server http://127.0.0.1:8000: needs --gkd_logits_topk K"),
-    (["--gkd_logits_topk", "8", "--seq_kd", "true"], "--teacher_model_server http://127.0.0.1:8000: --seq_kd true"),
+
     (["--gkd_logits_topk", "8", "--gkd_logits_topk_tail", "true"], "--gkd_logits_topk_tail with "
      "--teacher_model_server http://127.0.0.1:8000: needs --loss_temperature 1"),
 ])
@@ -336,6 +336,9 @@ def test_served_teachers_parse_as_ms_swift_writes_them():
             parse_teacher_servers(value)
     assert parse_config(["--model", "s", "--dataset", "d.jsonl", "--teacher_model_server", TWO_SERVERS,
                          "--gkd_logits_topk", "8"]).gkd.teacher_tag_key == "dataset"
+    with pytest.raises(GKDUserError, match="--seq_kd true with several served teachers is not supported yet"):
+        parse_config(["--model", "s", "--dataset", "d.jsonl", "--teacher_model_server", TWO_SERVERS,
+                      "--gkd_logits_topk", "8", "--seq_kd", "true"])
     assert parse_config(["--model", "s", "--dataset", "d.jsonl", *SERVER, "--gkd_logits_topk", "8", "--loss_temperature",
                          "1", "--gkd_logits_topk_tail", "true"]).gkd.teacher_model_server == "http://127.0.0.1:8000"
 

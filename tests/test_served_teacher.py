@@ -183,3 +183,31 @@ def test_routing_sends_each_row_to_its_teacher(tmp_path, tiny, tokenizer, server
         if tags:
             assert all(server.received_bytes > seen for server, seen in zip(teacher.servers, before))
     torch.testing.assert_close(sums[0], sums[1])
+
+
+def test_seq_kd_samples_come_from_the_server(tmp_path, tiny, tokenizer, server):
+    """The served teacher's completions: greedy, token for token what transformers generate on the teacher
+    writes (stop token included); sampled, each a function of its own seed."""
+    teacher = ServedTeacher([{"url": server, "tags": []}], 16, 1.0, False, tokenizer)
+    engine = teacher.sampling_engine(tokenizer.pad_token_id, lambda model: model)
+    prompts = [example["prompt_ids"] for example in make_examples(tokenizer)]
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
+    reference = load(tiny, "teacher").eval()
+    for prompt, completion in zip(prompts, engine.generate(prompts, greedy)):
+        want = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        assert completion == want[0, len(prompt):].tolist()
+    sampled = SamplingSettings(max_new_tokens=12, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,))
+    first = engine.generate(prompts, sampled, seeds=[1, 2, 3, 4])
+    assert engine.generate(prompts[::-1], sampled, seeds=[4, 3, 2, 1]) == first[::-1]
+    assert engine.generate(prompts, sampled, seeds=[5, 6, 7, 8]) != first
+
+
+def test_gkd_train_seq_kd_with_a_served_teacher(tmp_path, tiny, server):
+    flags = base_flags(tiny, tmp_path / "run")
+    at = flags.index("--teacher_model")
+    result = gkd_train(*flags[:at], *flags[at + 2:], "--max_steps", 2, "--lmbda", 0.5, "--seq_kd", "true",
+                       "--gkd_logits_topk", 16, "--teacher_model_server", server)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [ast.literal_eval(line) for line in result.stdout.splitlines() if line.startswith("{'loss'")]
+    assert sum(entry["samples_teacher"] for entry in logs) > 0 and sum(entry["samples_dataset"] for entry in logs) == 0

@@ -118,14 +118,14 @@ def check_teacher_server(config: GKDConfig) -> list[str | None]:
     if gkd.teacher_model_server is None:
         return []
     flag = f"--teacher_model_server {gkd.teacher_model_server}"
-    parse_teacher_servers(gkd.teacher_model_server)  # a malformed value stops here
+    teachers = parse_teacher_servers(gkd.teacher_model_server)  # a malformed value stops here
     return [
         None if model.teacher_model is None else f"{flag}: not together with --teacher_model {model.teacher_model} "
         "(one teacher: served, or loaded in process)",
         None if gkd.gkd_logits_topk is not None else f"{flag}: needs --gkd_logits_topk K (the server returns its "
         "top K log-probabilities per position; start it with --max-logprobs K)",
-        None if not gkd.seq_kd else f"{flag}: --seq_kd true (the served teacher writing completions) is not "
-        "supported yet; pre-sample its completions with gkd-infer and train on them",
+        None if not gkd.seq_kd or len(teachers) == 1 else f"{flag}: --seq_kd true with several served teachers is "
+        "not supported yet (one server writes the teacher's completions); pre-sample them with gkd-infer",
         None if not gkd.gkd_logits_topk_tail or gkd.loss_temperature == 1 else
         f"--gkd_logits_topk_tail with {flag}: needs --loss_temperature 1 (the server's log-probabilities are at "
         "temperature 1, and the mass outside the top K at another temperature is unknown)",

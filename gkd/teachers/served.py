@@ -31,6 +31,7 @@ import torch
 from gkd.errors import GKDUserError
 from gkd.losses.common import IGNORE_INDEX
 from gkd.losses.topk import TeacherTopK
+from gkd.sampling.served_teacher import ServedTeacherEngine
 from gkd.teachers.base import Teacher
 
 logger = logging.getLogger("gkd")
@@ -78,7 +79,7 @@ class _Server:
         self._check_logprobs(tokenizer)
         logger.info("teacher: %s at %s, its top %d log-probabilities per position", self.served_model, self.url, topk)
 
-    def _request(self, path: str, body: dict | None = None, attempts: int = ATTEMPTS) -> dict:
+    def request(self, path: str, body: dict | None = None, attempts: int = ATTEMPTS) -> dict:
         """GET (no body) or POST JSON; retried with backoff on connection errors and server errors. A 4xx
         answer is returned as {"error": message}: it is about the request, and repeating it changes nothing."""
         data = None if body is None else json.dumps(body).encode()
@@ -103,7 +104,7 @@ class _Server:
                            "running there?")
 
     def _served_model(self) -> str:
-        models = self._request("/v1/models", attempts=2)
+        models = self.request("/v1/models", attempts=2)
         if "error" in models or not models.get("data"):
             raise GKDUserError(f"{self.flag}: /v1/models did not name a model ({models.get('error', models)})")
         return models["data"][0]["id"]
@@ -113,7 +114,7 @@ class _Server:
         entries of the student's vocabulary."""
         step = max(len(tokenizer) // PROBE_TOKENS, 1)
         text = tokenizer.decode(list(range(0, len(tokenizer), step)), skip_special_tokens=True)
-        answer = self._request("/tokenize", {"model": self.served_model, "prompt": text, "add_special_tokens": False})
+        answer = self.request("/tokenize", {"model": self.served_model, "prompt": text, "add_special_tokens": False})
         want = tokenizer(text, add_special_tokens=False)["input_ids"]
         if answer.get("tokens") != want:
             raise GKDUserError(f"{self.flag}: it serves {self.served_model}, whose tokenizer differs from the "
@@ -121,7 +122,7 @@ class _Server:
 
     def _check_logprobs(self, tokenizer) -> None:
         ids = tokenizer("check", add_special_tokens=False)["input_ids"][:1] * 2
-        answer = self._request("/v1/completions", self._body(ids), attempts=2)
+        answer = self.request("/v1/completions", self._body(ids), attempts=2)
         if "error" in answer:
             raise GKDUserError(f"--gkd_logits_topk {self.topk}: {self.flag} refused {self.topk} log-probabilities "
                                f"per position ({answer['error']}); start it with --max-logprobs {self.topk} or more")
@@ -131,7 +132,7 @@ class _Server:
                 "prompt_logprobs": self.topk}
 
     def prompt_logprobs(self, ids: list[int]) -> list[dict | None]:
-        answer = self._request("/v1/completions", self._body(ids))
+        answer = self.request("/v1/completions", self._body(ids))
         if "error" in answer:
             raise GKDUserError(f"{self.flag}: /v1/completions refused a row of {len(ids)} tokens ({answer['error']})")
         return answer["choices"][0]["prompt_logprobs"]
@@ -166,7 +167,9 @@ class ServedTeacher(Teacher):
             self.server_of(tag)
 
     def sampling_engine(self, pad_token_id: int, unwrap):
-        return None  # its seq_kd completions are not supported yet: gkd-train refuses --seq_kd with a server
+        """seq_kd: the one server writes the teacher's completions (with several, gkd-train refuses seq_kd:
+        a generation does not carry its rows' tags)."""
+        return ServedTeacherEngine(self.servers[0]) if len(self.servers) == 1 else None
 
     def top_k(self, batch, topk: int, temperature: float, vocab_size: int) -> TeacherTopK:
         if topk != self.topk or temperature != self.temperature:
