@@ -1,11 +1,12 @@
 """A teacher served by vLLM's OpenAI-compatible server: ms-swift's --teacher_model_server.
 
 `vllm serve TEACHER --max-logprobs K` (ms-swift's `swift deploy` speaks its own /infer/ protocol, and its
-/v1/completions takes text only). gkd sends the token ids the teacher reads (its prompt, then the completion; never text, so nothing
-is tokenized again differently) to /v1/completions with `prompt_logprobs: K` and `max_tokens: 1`. For each
-position vLLM returns the K most likely next tokens with their log-probabilities under the teacher's full
-softmax at temperature 1 (prompt log-probabilities never go through sampling settings), plus the actual
-next token when it is not among them, which is dropped here.
+/v1/completions takes text only). gkd sends the token ids the teacher reads (its prompt, then the
+completion; never text, so nothing is tokenized again differently) to /v1/completions with
+`prompt_logprobs: K` and `max_tokens: 1`. For each position vLLM returns the K most likely next tokens
+with their log-probabilities under the teacher's full softmax at temperature 1 (prompt log-probabilities
+never go through sampling settings), plus the actual next token when it is not among them, which is
+dropped here.
 
 That is what gkd's top-k loss needs, and gives the loss the same teacher side as the same teacher in
 process with --gkd_logits_topk K: the top K ids at temperature 1 are the top K at any temperature, and
@@ -14,8 +15,9 @@ the K at the loss temperature, which only temperature 1 gives from these numbers
 
 Several servers (ms-swift's JSON list of {"url", "tags"}) each teach the rows whose --teacher_tag_key value
 is one of their tags. Requests go one per row, concurrently (a server batches them), with retries and
-backoff. At start each server is asked what it serves: it must answer, know the student's vocabulary (its /tokenize endpoint
-gives the student tokenizer's ids for a text made of that vocabulary), and return K log-probabilities.
+backoff. At start each server is asked what it serves: it must answer, know the student's vocabulary (its
+/tokenize endpoint gives the student tokenizer's ids for a text made of that vocabulary), and return K
+log-probabilities.
 """
 
 import json
@@ -190,8 +192,8 @@ class ServedTeacher(Teacher):
                 ids[line, start + position] = torch.tensor([int(token) for token, _ in best])
                 logprobs[line, start + position] = torch.tensor([entry["logprob"] for _, entry in best])
         if int(ids.max()) >= vocab_size:
-            raise GKDUserError(f"--teacher_model_server: the teacher ranks token id {int(ids.max())} among its top {topk}, "
-                               f"outside the {vocab_size} rows compared with the student")
+            raise GKDUserError(f"--teacher_model_server: the teacher ranks token id {int(ids.max())} among its top "
+                               f"{topk}, outside the {vocab_size} rows compared with the student")
         if self.tail:  # at temperature 1 (checked at start): the mass outside the K
             tail = torch.log1p(-logprobs.exp().sum(-1).clamp(max=1.0))
         else:  # not needed: the loss renormalises over the K
