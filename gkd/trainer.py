@@ -288,7 +288,7 @@ class GKDTrainer(Trainer):
         if "position_ids" in inputs:
             sft_rows = None if sft_rows is None else sft_rows[inputs["row_ids"]]
             return LossBatch(inputs["input_ids"], None, inputs["labels"], sft_rows, inputs["position_ids"],
-                             teacher_view)
+                             teacher_view, inputs.get("teacher_tags"))
         return LossBatch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], sft_rows,
                          teacher_view=teacher_view, teacher_tags=inputs.get("teacher_tags"))
 

@@ -85,7 +85,7 @@ def main():
                                        (f"served, top {args.topk}", args.topk, True),
                                        (f"in process, top {vocab}", vocab, False),
                                        (f"served, top {vocab}", vocab, True)):
-                teacher = ServedTeacher(url, topk, 1.0, False, tokenizer) if served else \
+                teacher = ServedTeacher([{"url": url, "tags": []}], topk, 1.0, False, tokenizer) if served else \
                     AutoModelForCausalLM.from_pretrained(args.models_dir / "teacher", dtype=torch.float32)
                 training = TrainingArguments(output_dir=scratch, report_to="none", use_cpu=True)
                 gkd = GKDArguments(lmbda=1.0, loss_temperature=1.0, gkd_logits_topk=topk,

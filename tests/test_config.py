@@ -311,6 +311,10 @@ TWO_SERVERS = '[{"url": "http://a:1", "tags": ["m.jsonl"]}, {"url": "http://b:2"
     (["--gkd_logits_topk", "8"], "--teacher_model_server http://127.0.0.1:8000: not together with --teacher_model t"),
     ([], "--teacher_model_server http://127.0.0.1:8000: needs --gkd_logits_topk K"),
 
+    (["--gkd_logits_topk", "8", "--offload_teacher_model", "true"], "--teacher_model_server http://127.0.0.1:8000: "
+     "--offload_teacher_model is for a teacher loaded in process"),
+    (["--gkd_logits_topk", "8", "--teacher_model_revision", "v2"], "--teacher_model_server http://127.0.0.1:8000: "
+     "--teacher_model_revision is for a teacher loaded in process"),
     (["--gkd_logits_topk", "8", "--gkd_logits_topk_tail", "true"], "--gkd_logits_topk_tail with "
      "--teacher_model_server http://127.0.0.1:8000: needs --loss_temperature 1"),
 ])

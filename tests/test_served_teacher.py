@@ -168,16 +168,21 @@ def test_two_teachers_each_teach_their_rows(tmp_path, tiny, tokenizer, server):
     assert not (tmp_path / "unrouted").exists()
 
 
-def test_routing_sends_each_row_to_its_teacher(tmp_path, tiny, tokenizer, server):
-    """At the loss: the rows of one micro-batch go to the teacher their tag names, and the loss equals one
-    teacher's (here both serve the same model)."""
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_routing_sends_each_row_to_its_teacher(tmp_path, tiny, tokenizer, server, padding_free):
+    """At the loss, padded or packed: the rows of one micro-batch go to the teacher their tag names, and the
+    loss equals one teacher's (here both serve the same model)."""
     other = server.replace("127.0.0.1", "localhost")
     routed = ServedTeacher([{"url": server, "tags": ["a"]}, {"url": other, "tags": ["b"]}], 16, 1.0, False, tokenizer)
     single = ServedTeacher([{"url": server, "tags": []}], 16, 1.0, False, tokenizer)
+    examples = make_examples(tokenizer)
     sums = []
     for teacher, tags in ((routed, ["a", "b", "b", "a"]), (single, None)):
         trainer = make_trainer(tmp_path, tokenizer, load(tiny, "student"), teacher, gkd_logits_topk=16)
-        batch = {**dataset_batch(tokenizer), **({"teacher_tags": tags} if tags else {})}
+        trainer.padding_free = padding_free  # (what --padding_free sets)
+        batch = trainer._tensors([e["prompt_ids"] for e in examples], [e["completion_ids"] for e in examples], VOCAB,
+                                 teacher_tags=tags)
+        batch["from_student"] = torch.ones(len(examples), dtype=torch.bool)
         before = [server.received_bytes for server in teacher.servers]
         sums.append(trainer._loss_sums(trainer.model, batch, sft=False)[0].detach())
         if tags:

@@ -122,6 +122,10 @@ def check_teacher_server(config: GKDConfig) -> list[str | None]:
     return [
         None if model.teacher_model is None else f"{flag}: not together with --teacher_model {model.teacher_model} "
         "(one teacher: served, or loaded in process)",
+        *(None if not given else f"{flag}: {name} is for a teacher loaded in process"
+          for name, given in (("--offload_teacher_model", gkd.offload_teacher_model),
+                              ("--teacher_deepspeed", gkd.teacher_deepspeed),
+                              ("--teacher_model_revision", model.teacher_model_revision))),
         None if gkd.gkd_logits_topk is not None else f"{flag}: needs --gkd_logits_topk K (the server returns its "
         "top K log-probabilities per position; start it with --max-logprobs K)",
         None if not gkd.seq_kd or len(teachers) == 1 else f"{flag}: --seq_kd true with several served teachers is "

@@ -33,7 +33,11 @@ class ServedTeacherEngine(SamplingEngine):
         if "error" in answer:
             raise GKDUserError(f"{self.server.flag}: /v1/completions refused to sample a {len(prompt)}-token prompt "
                                f"({answer['error']})")
-        return cut_at_stop(list(answer["choices"][0]["token_ids"]), settings.stop_token_ids)
+        choice = answer["choices"][0]
+        if choice.get("token_ids") is None:
+            raise GKDUserError(f"{self.server.flag}: the server answers without token ids (vLLM's return_token_ids, "
+                               "in vLLM 0.10.2 and later), which seq_kd needs")
+        return cut_at_stop(list(choice["token_ids"]), settings.stop_token_ids)
 
     def generate(self, prompts, settings, seeds=None):
         if not prompts:

@@ -125,9 +125,11 @@ class _Server:
     def _check_logprobs(self, tokenizer) -> None:
         ids = tokenizer("check", add_special_tokens=False)["input_ids"][:1] * 2
         answer = self.request("/v1/completions", self._body(ids), attempts=2)
-        if "error" in answer:
+        returned = len(answer["choices"][0]["prompt_logprobs"][1]) if "error" not in answer else 0
+        if returned < self.topk:  # (K, or K + 1 with the actual token)
+            why = answer.get("error", f"it returned {returned}")
             raise GKDUserError(f"--gkd_logits_topk {self.topk}: {self.flag} refused {self.topk} log-probabilities "
-                               f"per position ({answer['error']}); start it with --max-logprobs {self.topk} or more")
+                               f"per position ({why}); start it with --max-logprobs {self.topk} or more")
 
     def _body(self, ids: list[int]) -> dict:
         return {"model": self.served_model, "prompt": ids, "max_tokens": 1, "temperature": 0.0,
@@ -192,8 +194,11 @@ class ServedTeacher(Teacher):
                 ids[line, start + position] = torch.tensor([int(token) for token, _ in best])
                 logprobs[line, start + position] = torch.tensor([entry["logprob"] for _, entry in best])
         if int(ids.max()) >= vocab_size:
+            # In process only the output rows both models have are ranked; the server ranks all of the
+            # teacher's, and its head has more rows than the student's (padding past the tokenizer).
             raise GKDUserError(f"--teacher_model_server: the teacher ranks token id {int(ids.max())} among its top "
-                               f"{topk}, outside the {vocab_size} rows compared with the student")
+                               f"{topk}, past the student's {vocab_size} output rows; a served teacher needs an "
+                               "output layer no larger than the student's")
         if self.tail:  # at temperature 1 (checked at start): the mass outside the K
             tail = torch.log1p(-logprobs.exp().sum(-1).clamp(max=1.0))
         else:  # not needed: the loss renormalises over the K
