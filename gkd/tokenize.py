@@ -167,8 +167,8 @@ def _tokenize_record(record: dict, tokenizer, settings: dict) -> dict:
         kept = truncate(prompt_ids, completion_ids, max_length, strategy, where)
         teacher_prompt_ids = None
         if record["teacher_messages"] is not None:  # OPSD: the teacher's prompt, bounded as a prompt alone
-            teacher_prompt_ids = encode(tokenizer, render(tokenizer, json.loads(record["teacher_messages"]), True,
-                                                          enable_thinking))
+            teacher_prompt_ids, _ = tokenize_messages(tokenizer, json.loads(record["teacher_messages"]), None,
+                                                      settings["stop_ids"], enable_thinking=enable_thinking)
             teacher_kept = truncate(teacher_prompt_ids, None, max_length, strategy, f"{where} (teacher_prompt)")
             kept = kept if teacher_kept is not None else None
             teacher_prompt_ids = teacher_kept and teacher_kept[0]

@@ -223,8 +223,10 @@ class GKDTrainer(Trainer):
     @staticmethod
     def _prompt_of(source: str, batch: dict, row: int) -> list[int]:
         """What the source's model is prompted with: the teacher reads a row's teacher prompt (OPSD) if it has one."""
-        teacher_prompt = (batch.get("teacher_prompt_ids") or [None] * (row + 1))[row]
-        return teacher_prompt if source == "teacher" and teacher_prompt is not None else batch["prompt_ids"][row]
+        teacher_prompts = batch.get("teacher_prompt_ids")
+        if source == "teacher" and teacher_prompts and teacher_prompts[row] is not None:
+            return teacher_prompts[row]
+        return batch["prompt_ids"][row]
 
     def _tensors(self, prompts, completions, vocab_size=None, prompt_label_spans=None, teacher_prompts=None,
                  teacher_tags=None) -> dict:
@@ -261,8 +263,8 @@ class GKDTrainer(Trainer):
         if self._metrics_since_step is None:
             self._metrics_since, self._metrics_since_step = time.perf_counter(), global_step
         sources, indices = self._complete_step(batch_samples, global_step)
-        self.teacher.load()  # for the step's forwards, if no teacher generation brought it (it goes back before
-        # the optimizer runs)
+        # For the step's forwards, if no teacher generation brought it (it goes back before the optimizer runs).
+        self.teacher.load()
         self._step_samples = [(global_step + 1, batch_indices, batch_sources, batch["prompt_ids"], batch["completion_ids"])
                               for batch, batch_sources, batch_indices in zip(batch_samples, sources, indices)]
         batch_samples = [self._batch_tensors(batch, batch_sources)
@@ -285,12 +287,11 @@ class GKDTrainer(Trainer):
         if "teacher_input_ids" in inputs:  # OPSD: the teacher reads its own prompts (padded rows, never packed)
             teacher_view = LossBatch(inputs["teacher_input_ids"], inputs["teacher_attention_mask"],
                                      inputs["teacher_labels"])
-        if "position_ids" in inputs:
-            sft_rows = None if sft_rows is None else sft_rows[inputs["row_ids"]]
-            return LossBatch(inputs["input_ids"], None, inputs["labels"], sft_rows, inputs["position_ids"],
-                             teacher_view, inputs.get("teacher_tags"))
-        return LossBatch(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], sft_rows,
-                         teacher_view=teacher_view, teacher_tags=inputs.get("teacher_tags"))
+        packed = "position_ids" in inputs  # padding-free: one sequence, the rows told apart by position_ids
+        if packed and sft_rows is not None:
+            sft_rows = sft_rows[inputs["row_ids"]]
+        return LossBatch(inputs["input_ids"], None if packed else inputs["attention_mask"], inputs["labels"], sft_rows,
+                         inputs.get("position_ids"), teacher_view, inputs.get("teacher_tags"))
 
     def _loss_sums(self, model, inputs, sft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed generalized JSD and summed cross-entropy (on non-student samples; 0 when sft is False or

@@ -178,15 +178,13 @@ def train(config: GKDConfig) -> None:
     set_mixed_precision(training, dtype)
     student = load_model(student_dir, student_weight_dtype(dtype, training), model_args.attn_impl,
                          model_args.trust_remote_code, "--model")
-    if servers:
-        compared_vocab_size = check_vocabularies(tokenizer, None, student, student, model_args.model, model_args.model)
-    elif teacher is None:  # --teacher_model, loaded in this process
+    if teacher is None:  # --teacher_model, loaded in this process
         with loading_teacher(training, gkd_args.teacher_deepspeed):  # partitioned as it loads under ZeRO-3
             teacher = load_model(teacher_dir, dtype, model_args.attn_impl, model_args.trust_remote_code,
                                  "--teacher_model")
         compared_vocab_size = check_vocabularies(tokenizer, _teacher_tokenizer(teacher_dir, config), student,
                                                  teacher, model_args.model, model_args.teacher_model)
-    else:
+    else:  # the student itself, or a served teacher: the student's output rows are compared
         compared_vocab_size = check_vocabularies(tokenizer, None, student, student, model_args.model, model_args.model)
     if config.tuner.tuner_type == "lora":
         student = apply_lora(student, config.tuner)

@@ -306,7 +306,7 @@ class FusedLoss(LossImpl):
         with last_hidden_state(student_module) as student_hidden:
             student(**forward)  # the wrapper's forward (DDP needs it called); the hook is inside
         with torch.no_grad(), teacher.running(), last_hidden_state(teacher.model) as teacher_hidden:
-            teacher.model(**(batch.teacher_view or batch).forward_kwargs(logits_to_keep=1))
+            teacher.model(**batch.teacher_inputs(logits_to_keep=1))
             teacher_head = lm_head_of(teacher.model)  # the head it ran with (its adapters off, for the student's base)
         teacher_states = batch.as_student_positions(teacher_hidden.value)
         vocab, settings = self.settings.vocab_size, self.settings

@@ -55,9 +55,9 @@ class LossBatch:
     teacher_view: LossBatch | None = None
     teacher_tags: list[str | None] | None = None  # per row: which served teacher teaches it (--teacher_tag_key)
 
-    def teacher_inputs(self) -> dict:
+    def teacher_inputs(self, **extra) -> dict:
         """The teacher's forward arguments."""
-        return (self.teacher_view or self).forward_kwargs()
+        return (self.teacher_view or self).forward_kwargs(**extra)
 
     def as_student_positions(self, teacher_values: torch.Tensor) -> torch.Tensor:
         """The teacher's per-position values (batch, teacher positions, ...) moved to the student's positions:
@@ -137,9 +137,7 @@ class LogitsLossImpl(LossImpl):
 
     def __call__(self, student, teacher, batch: LossBatch, student_module=None) -> LossSums:
         student_logits = student(**batch.forward_kwargs()).logits
-        with torch.no_grad(), teacher.running():
-            teacher_logits = batch.as_student_positions(teacher.model(**batch.teacher_inputs()).logits)
-            teacher_side = self.teacher_side(teacher_logits)
+        teacher_side = self.teacher_side(teacher.logits(batch))
         return self.sums(student_logits, teacher_side, batch.targets(), batch.sft_targets())
 
     def sums(self, student_logits, teacher_side, targets, sft_targets) -> LossSums:
@@ -148,8 +146,8 @@ class LogitsLossImpl(LossImpl):
         return LossSums(jsd, sft_sum_of_logits(student_logits, sft_targets, self.settings.vocab_size, jsd))
 
     def teacher_side(self, teacher_logits):
-        """What the divergence needs of the teacher's logits, taken right after its forward (under
-        no_grad), so that the full logits can go before the divergence runs."""
+        """What the divergence needs of the teacher's logits, taken right after its forward, so that the
+        full logits can go before the divergence runs."""
         return teacher_logits
 
     def divergence(self, student_logits, teacher_side, targets) -> torch.Tensor:

@@ -19,12 +19,15 @@ class Teacher:
     def __init__(self, model: torch.nn.Module, sharding: ModelSharding | None = None):
         self.model, self.sharding = model, sharding or Replicated()
 
+    def logits(self, batch) -> torch.Tensor:
+        """Its logits at the student's positions of a LossBatch (the teacher reads its own view, if any)."""
+        with torch.no_grad(), self.running():
+            return batch.as_student_positions(self.model(**batch.teacher_inputs()).logits)
+
     def top_k(self, batch, topk: int, temperature: float, vocab_size: int) -> TeacherTopK:
         """Its top-k tokens at every position of the student's batch (LossBatch), flattened: what
         --gkd_logits_topk's loss compares, reduced right after the forward so the full logits can go."""
-        with torch.no_grad(), self.running():
-            logits = batch.as_student_positions(self.model(**batch.teacher_inputs()).logits)
-            return teacher_topk(flat_vocab(logits, vocab_size), topk, temperature)
+        return teacher_topk(flat_vocab(self.logits(batch), vocab_size), topk, temperature)
 
     def sampling_engine(self, pad_token_id: int, unwrap):
         """What writes its seq_kd completions: transformers generate on its model (unwrap: the accelerator's,
