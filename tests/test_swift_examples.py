@@ -196,10 +196,12 @@ STUDENTS = ("Qwen/Qwen2.5-7B", "Qwen/Qwen3-8B-Base", "Qwen/Qwen3.5-2B", "Qwen/Qw
 TEACHERS = ("Qwen/Qwen2.5-14B-Instruct", "Qwen/Qwen3-8B", "Qwen/Qwen3.5-9B", "OpenGVLab/InternVL3-8B")
 
 
-def as_gkd(name: str, row_counts: dict[str, str] | None = None) -> tuple[dict, str, list[str]]:
-    """The renamed command: (environment assignments, program, argv), GPU-only values swapped."""
-    command = re.sub(r"\$(\w+)", lambda match: SCRIPT_VARIABLES[name.removesuffix(" (swift infer)")][match[1]],
-                     COMMANDS[name])
+def as_gkd(name: str, row_counts: dict[str, str] | None = None,
+           variables: dict[str, str] | None = None) -> tuple[dict, str, list[str]]:
+    """The renamed command: (environment assignments, program, argv), GPU-only values swapped; variables: the
+    script's shell variables, else SCRIPT_VARIABLES'."""
+    variables = variables or SCRIPT_VARIABLES.get(name.removesuffix(" (swift infer)"))
+    command = re.sub(r"\$(\w+)", lambda match: variables[match[1]], COMMANDS[name])
     tokens = shlex.split(command)
     at = next(index for index, token in enumerate(tokens) if token == "swift")
     env = dict(token.split("=", 1) for token in tokens[:at])
@@ -384,6 +386,26 @@ def test_vllm_colocate_sh_samples_the_student_with_vllm(tmp_path, hub):
     assert result.returncode == 0, result.stderr[-3000:]
     run_folder = check_run_folder(tmp_path / "output")
     assert sum(line.get("samples_student", 0) for line in run_folder["logs"]) > 0
+
+
+@pytest.mark.vllm
+def test_teacher_server_sh_distils_from_vllms_server(tmp_path, tiny, hub, teacher_server):
+    """teacher_server.sh in the vLLM environment, in 2 processes: the teacher is vLLM's OpenAI server (the tiny
+    teacher, at the test's URL instead of localhost:8000), the student samples with vLLM colocated in each
+    process; its shell variables sized to the tiny models (256 positions), swanlab (not installed) left out."""
+    env, program, argv = as_gkd("rlhf/gkd/teacher_server.sh", variables={
+        "top_k": "64", "max_prompt_length": "128", "max_completion_length": "24", "max_total_length": "256"})
+    argv[argv.index("--teacher_model_server") + 1] = teacher_server
+    argv.remove("swanlab")
+    result = run(program, [*argv, "--max_steps", "2"], tmp_path, {**hub, "NPROC_PER_NODE": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"teacher: {tiny / 'teacher'} at {teacher_server}, its top 64 log-probabilities" in result.stderr
+    run_folder = check_run_folder(tmp_path / "output" / "Qwen3.5-4B")  # ms-swift's default: output/<model name>/
+    steps = [line for line in run_folder["logs"] if "samples_student" in line]
+    # lmbda 1: every sample is the student's (vLLM's); 2 x 2 x 4 per step, of 24 rows
+    assert [line["samples_student"] for line in steps] == [16, 8]
+    assert not any(line.get("samples_dataset") or line.get("samples_teacher") for line in steps)
+    assert all(line["jsd_loss"] > 0 for line in steps)
 
 
 def test_multimodal_examples_stop_on_their_images_never_drop_them(tmp_path, hub):

@@ -156,16 +156,17 @@ def topk_generalized_jsd_loss(
 
 
 class TopKLoss(LogitsLossImpl):
-    """--gkd_logits_topk K: the teacher gives its top K per position (Teacher.top_k: a model's logits shrink
-    to them right after its forward; a served teacher returns them), never full logits."""
+    """--gkd_logits_topk K: the teacher gives its top K per position (Teacher.top_k_request: a model's logits
+    shrink to them right after its forward; a served teacher answers while the student's forward runs), never
+    full logits."""
 
     name = "topk"
 
     def __call__(self, student, teacher, batch, student_module=None):
-        student_logits = student(**batch.forward_kwargs()).logits
         settings = self.settings
-        teacher_side = teacher.top_k(batch, settings.topk, settings.temperature, settings.vocab_size)
-        return self.sums(student_logits, teacher_side, batch.targets(), batch.sft_targets())
+        teacher_top_k = teacher.top_k_request(batch, settings.topk, settings.temperature, settings.vocab_size)
+        student_logits = student(**batch.forward_kwargs()).logits
+        return self.sums(student_logits, teacher_top_k(), batch.targets(), batch.sft_targets())
 
     def divergence(self, student_logits, teacher_side, targets):
         return topk_generalized_jsd_loss(flat_vocab(student_logits, self.settings.vocab_size), teacher_side,

@@ -5,7 +5,7 @@ import contextlib
 import torch
 
 from gkd.losses.interface import flat_vocab
-from gkd.losses.topk import TeacherTopK, teacher_topk
+from gkd.losses.topk import teacher_topk
 from gkd.sampling.transformers_engine import TransformersEngine
 from gkd.sharding.base import ModelSharding, Replicated
 
@@ -24,10 +24,12 @@ class Teacher:
         with torch.no_grad(), self.running():
             return batch.as_student_positions(self.model(**batch.teacher_inputs()).logits)
 
-    def top_k(self, batch, topk: int, temperature: float, vocab_size: int) -> TeacherTopK:
+    def top_k_request(self, batch, topk: int, temperature: float, vocab_size: int):
         """Its top-k tokens at every position of the student's batch (LossBatch), flattened: what
-        --gkd_logits_topk's loss compares, reduced right after the forward so the full logits can go."""
-        return teacher_topk(flat_vocab(self.logits(batch), vocab_size), topk, temperature)
+        --gkd_logits_topk's loss compares. Asked for before the student's forward, it returns the function
+        that gives them, called after: a model's forward runs then (its logits shrink to the top k right
+        after, so the full logits can go); a teacher that answers elsewhere (served) starts at once."""
+        return lambda: teacher_topk(flat_vocab(self.logits(batch), vocab_size), topk, temperature)
 
     def sampling_engine(self, pad_token_id: int, unwrap):
         """What writes its seq_kd completions: transformers generate on its model (unwrap: the accelerator's,

@@ -15,9 +15,9 @@ the K at the loss temperature, which only temperature 1 gives from these numbers
 
 Several servers (ms-swift's JSON list of {"url", "tags"}) each teach the rows whose --teacher_tag_key value
 is one of their tags. Requests go one per row, concurrently (a server batches them), with retries and
-backoff. At start each server is asked what it serves: it must answer, know the student's vocabulary (its
-/tokenize endpoint gives the student tokenizer's ids for a text made of that vocabulary), and return K
-log-probabilities.
+backoff; they leave before the student's forward, so the server works while it runs. At start each server
+is asked what it serves: it must answer, know the student's vocabulary (its /tokenize endpoint gives the
+student tokenizer's ids for a text made of that vocabulary), and return K log-probabilities.
 """
 
 import json
@@ -152,6 +152,8 @@ class ServedTeacher(Teacher):
         self.topk, self.temperature, self.tail, self.tag_key = topk, temperature, tail, tag_key
         self.servers = [_Server(server["url"], topk, tokenizer, timeout) for server in servers]
         self.routes = {tag: server for server, spec in zip(self.servers, servers) for tag in spec["tags"]}
+        # (threads: a row's request mostly waits on the server, and parsing its JSON is short)
+        self._requests = ThreadPoolExecutor(max_workers=16, thread_name_prefix="gkd-teacher-request")
 
     @property
     def received_bytes(self) -> int:
@@ -175,37 +177,59 @@ class ServedTeacher(Teacher):
         a generation does not carry its rows' tags)."""
         return ServedTeacherEngine(self.servers[0]) if len(self.servers) == 1 else None
 
-    def top_k(self, batch, topk: int, temperature: float, vocab_size: int) -> TeacherTopK:
+    def top_k_request(self, batch, topk: int, temperature: float, vocab_size: int):
+        """Sends one request per row now (concurrently: the server batches them); the function returned waits
+        for the answers, so the server computes while the student's forward runs."""
         if topk != self.topk or temperature != self.temperature:
             raise ValueError(f"the served teacher was set up for top {self.topk} at temperature {self.temperature}")
         view = batch.teacher_view or batch
         spans = _row_spans(view)
         tags = batch.teacher_tags or [None] * len(spans)
-        with ThreadPoolExecutor(max_workers=min(len(spans), 16)) as pool:
-            answers = list(pool.map(lambda span, tag: self.server_of(tag).prompt_logprobs(
-                view.input_ids[span[0], span[1]:span[2]].tolist()), spans, tags))
         counted = view.targets().ne(IGNORE_INDEX).cpu()
-        logprobs = torch.zeros(*view.labels.shape, topk, dtype=torch.float32)
-        ids = torch.zeros(*view.labels.shape, topk, dtype=torch.long)
-        for (line, start, end), answer in zip(spans, answers):
-            for position in counted[line, start:end].nonzero().squeeze(1).tolist():
-                # entry p + 1: the distribution after positions 0..p, i.e. what position p predicts
-                best = sorted(answer[position + 1].items(), key=lambda item: -item[1]["logprob"])[:topk]
-                ids[line, start + position] = torch.tensor([int(token) for token, _ in best])
-                logprobs[line, start + position] = torch.tensor([entry["logprob"] for _, entry in best])
+        input_ids = view.input_ids.cpu()
+        answers = [self._requests.submit(self._row_top_k, self.server_of(tag), input_ids[line, start:end].tolist(),
+                                         counted[line, start:end].nonzero().squeeze(1).tolist())
+                   for (line, start, end), tag in zip(spans, tags)]
+
+        def finish() -> TeacherTopK:
+            logprobs = torch.zeros(*view.labels.shape, topk, dtype=torch.float32)
+            ids = torch.zeros(*view.labels.shape, topk, dtype=torch.long)
+            for (line, start, _), answer in zip(spans, answers):
+                positions, row_ids, row_logprobs = answer.result()
+                ids[line, start + positions] = row_ids
+                logprobs[line, start + positions] = row_logprobs
+            return self._as_teacher_topk(batch, logprobs, ids, vocab_size)
+
+        return finish
+
+    def _row_top_k(self, server: _Server, ids: list[int], positions: list[int]):
+        """One row's request, and its answer as tensors (in a worker thread): at each counted position the K
+        ids and log-probabilities, best first."""
+        answer = server.prompt_logprobs(ids)
+        row_ids = torch.zeros(len(positions), self.topk, dtype=torch.long)
+        row_logprobs = torch.zeros(len(positions), self.topk, dtype=torch.float32)
+        for index, position in enumerate(positions):
+            # entry p + 1: the distribution after positions 0..p, i.e. what position p predicts
+            best = sorted(answer[position + 1].items(), key=lambda item: -item[1]["logprob"])[:self.topk]
+            row_ids[index] = torch.tensor([int(token) for token, _ in best])
+            row_logprobs[index] = torch.tensor([entry["logprob"] for _, entry in best])
+        return torch.tensor(positions, dtype=torch.long), row_ids, row_logprobs
+
+    def _as_teacher_topk(self, batch, logprobs, ids, vocab_size: int) -> TeacherTopK:
+        view = batch.teacher_view or batch
         if int(ids.max()) >= vocab_size:
             # In process only the output rows both models have are ranked; the server ranks all of the
             # teacher's, and its head has more rows than the student's (padding past the tokenizer).
             raise GKDUserError(f"--teacher_model_server: the teacher ranks token id {int(ids.max())} among its top "
-                               f"{topk}, past the student's {vocab_size} output rows; a served teacher needs an "
+                               f"{self.topk}, past the student's {vocab_size} output rows; a served teacher needs an "
                                "output layer no larger than the student's")
         if self.tail:  # at temperature 1 (checked at start): the mass outside the K
             tail = torch.log1p(-logprobs.exp().sum(-1).clamp(max=1.0))
         else:  # not needed: the loss renormalises over the K
             tail = torch.full(view.labels.shape, float("-inf"))
         device = view.input_ids.device
-        moved = [batch.as_student_positions(tensor.to(device)) for tensor in (logprobs / temperature, ids, tail)]
-        return TeacherTopK(*(tensor.reshape(-1, *tensor.shape[2:]) for tensor in moved), temperature)
+        moved = [batch.as_student_positions(tensor.to(device)) for tensor in (logprobs / self.temperature, ids, tail)]
+        return TeacherTopK(*(tensor.reshape(-1, *tensor.shape[2:]) for tensor in moved), self.temperature)
 
 
 def _row_spans(view) -> list[tuple[int, int, int]]:
