@@ -22,6 +22,7 @@ import torch
 
 from gkd.errors import GKDUserError
 from gkd.hub import load_hub_dataset, looks_local, use_hf_hub
+from gkd.images import IMAGE_TAG, check_images, has_images, image_refs, place_image_tags
 from gkd.tokenize import check_loss_scale, tokenize_records
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ IGNORE_INDEX = -100
 # ms-swift's column aliases for query/response rows, in the order they are looked up.
 QUERY_COLUMNS = ("query", "question", "problem", "prompt", "instruction")
 RESPONSE_COLUMNS = ("response", "answer", "output", "solution", "completion")
-MEDIA_COLUMNS = ("images", "videos", "audios")  # ms-swift's multimodal columns
+MEDIA_COLUMNS = ("videos", "audios")  # ms-swift's other multimodal columns (images: gkd.images)
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -145,12 +146,24 @@ def _read_file(path: str):
         raise GKDUserError(f"{path}: cannot read it ({error.strerror})") from None
 
 
+def _coco_caption_row(row: dict) -> dict:
+    """ms-swift's COCO2014Preprocess: the first of the '&&'-joined captions answers a fixed query (the image
+    tag is added where the row's images are placed, gkd.images.place_image_tags)."""
+    return {"messages": [{"role": "user", "content": "please describe the image."},
+                         {"role": "assistant", "content": row["caption"].split("&&")[0]}], "images": row["image"]}
+
+
+# Hub datasets whose columns ms-swift maps with a preprocessor of their own (swift/dataset/dataset/*.py).
+HUB_ROW_PREPROCESSORS = {"modelscope/coco_2014_caption": _coco_caption_row}
+
+
 def _read_hub(spec: DatasetSpec):
     """A hub dataset's rows, from ModelScope unless hf::, --use_hf or USE_HF=1 say the Hugging Face Hub (as
     ms-swift; gkd-train has settled --use_hf into USE_HF before data loads)."""
     use_hf = spec.use_hf if spec.use_hf is not None else use_hf_hub(None)
+    preprocess = HUB_ROW_PREPROCESSORS.get(spec.source, dict)
     for index, row in enumerate(load_hub_dataset(spec.source, spec.subset, use_hf=use_hf), start=1):
-        yield f"{spec.source} row {index}", row
+        yield f"{spec.source} row {index}", preprocess(row)
 
 
 def read_rows(spec: DatasetSpec, seed: int) -> list[tuple[str, dict]]:
@@ -244,9 +257,8 @@ def row_to_messages(row, where: str, system: str | None = None) -> list[dict]:
     if not isinstance(row, dict):
         raise GKDUserError(f"{where}: expected an object with the row's fields, got {type(row).__name__}")
     media = [column for column in MEDIA_COLUMNS if row.get(column)]
-    if media:  # never train on a caption without the picture it describes
-        raise GKDUserError(f"{where}: the row has {media[0]}; vision-language distillation is not supported by gkd "
-                           "yet (text-only students and teachers)")
+    if media:  # never train on a transcript without the recording it describes
+        raise GKDUserError(f"{where}: the row has {media[0]}; gkd reads images, not {media[0]}")
     if "messages" in row:
         messages = row["messages"]
     elif "conversations" in row:
@@ -294,9 +306,13 @@ def split_prompt_completion(messages: list[dict]) -> tuple[list[dict], str | Non
 def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=None,
                   truncation_strategy="delete", need_completions=True, reason_completions_needed="",
                   dataset_num_proc=1, load_from_cache_file=False, enable_thinking=None, loss_scale="last_round",
-                  teacher_tag_key=None):
+                  teacher_tag_key=None, processor=None, text_only_reason="the model reads text alone"):
     """Read, normalise and tokenize every --dataset spec into examples: {"prompt_ids", "completion_ids",
-    "prompt_label_spans", "teacher_prompt_ids", "dataset", "teacher_tag"}.
+    "prompt_label_spans", "teacher_prompt_ids", "dataset", "teacher_tag", "images"}.
+
+    images: the row's image references (gkd.images), None for a text row. processor: the vision-language
+    models' processor, which expands each image into its tokens; without one a row with images is refused,
+    text_only_reason saying why (which model reads no images).
 
     completion_ids is None for a prompt-only row. prompt_label_spans lists the (start, end) positions of
     prompt_ids to supervise besides the completion: the earlier assistant turns under loss_scale 'default'
@@ -315,7 +331,17 @@ def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=N
         spec = DatasetSpec.parse(text)
         records, tags = [], []
         for where, row in read_rows(spec, seed):
-            prompt_messages, completion = split_prompt_completion(row_to_messages(row, where, system))
+            if processor is None and has_images(row):
+                raise GKDUserError(f"{where}: the row has images, and {text_only_reason}; gkd never trains on a "
+                                   "caption without its picture")
+            messages, images = row_to_messages(row, where, system), image_refs(row, where)
+            if images:
+                check_images(images, where)
+                messages = place_image_tags(messages, len(images), where)
+            prompt_messages, completion = split_prompt_completion(messages)
+            if completion is not None and IMAGE_TAG in completion:
+                raise GKDUserError(f"{where}: the completion holds an {IMAGE_TAG} tag; gkd supervises text, so "
+                                   "images belong to the prompt")
             if completion is None and need_completions:
                 raise GKDUserError(
                     f"{where}: the row has no assistant completion, which {reason_completions_needed} needs; "
@@ -328,17 +354,20 @@ def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=N
                 raise GKDUserError(f"{where}: a teacher_prompt row with --loss_scale default (earlier assistant turns "
                                    "supervised in two different prompts) is not supported; use --loss_scale "
                                    "last_round")
-            records.append((where, prompt_messages, completion, teacher_view))
+            if teacher_view is not None and images:  # the teacher sees the pictures too, wherever its prompt is
+                teacher_view = place_image_tags(teacher_view, len(images), f"{where} (teacher_prompt)")
+            records.append((where, prompt_messages, completion, teacher_view, images or None))
             tag = spec.source if teacher_tag_key == "dataset" else row.get(teacher_tag_key) if teacher_tag_key else None
             tags.append(None if tag is None else str(tag))
         tokenized = tokenize_records(
-            records, tokenizer, stop_ids=stop_ids, max_length=max_length, truncation_strategy=truncation_strategy,
+            records, tokenizer, processor=processor, stop_ids=stop_ids, max_length=max_length,
+            truncation_strategy=truncation_strategy,
             enable_thinking=enable_thinking, loss_scale=loss_scale, system=system, num_proc=dataset_num_proc,
             load_from_cache_file=load_from_cache_file, desc=f"tokenizing {spec.source}",
         )
         dropped += tokenized.count(None)
-        examples += [{**example, "dataset": spec.source, "teacher_tag": tag}
-                     for example, tag in zip(tokenized, tags) if example is not None]
+        examples += [{**example, "dataset": spec.source, "teacher_tag": tag, "images": record[4]}
+                     for example, tag, record in zip(tokenized, tags, records) if example is not None]
     if dropped:
         logger.warning("dropped %d rows longer than --max_length %s (the prompt, or prompt + dataset completion; "
                        "--truncation_strategy %s)", dropped, max_length, truncation_strategy)
@@ -390,6 +419,7 @@ def collate_examples(features: list[dict]) -> dict:
         "prompt_label_spans": [feature.get("prompt_label_spans") or [] for feature in features],
         "teacher_prompt_ids": [feature.get("teacher_prompt_ids") for feature in features],
         "teacher_tags": [feature.get("teacher_tag") for feature in features],
+        "images": [feature.get("images") or [] for feature in features],
     }
 
 

@@ -5,7 +5,9 @@ import json
 import logging
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                          GenerationConfig)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from gkd.errors import GKDUserError, first_line
 
@@ -37,14 +39,66 @@ def attn_implementation(attn_impl: str | None) -> str | None:
     return "flash_attention_2" if attn_impl == "flash_attn" else attn_impl
 
 
-def load_model(name: str, dtype, attn_impl: str | None, trust_remote_code: bool, flag: str):
+def load_model(name: str, dtype, attn_impl: str | None, trust_remote_code: bool, flag: str, images: bool = False):
+    """The model as a causal LM, or (images) as a vision-language model with its vision tower."""
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_impl:
         kwargs["attn_implementation"] = attn_implementation(attn_impl)
+    model_class, kind = (AutoModelForImageTextToText, "a vision-language model") if images else \
+        (AutoModelForCausalLM, "a causal LM")
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        return model_class.from_pretrained(name, **kwargs)
     except Exception as error:
-        raise GKDUserError(f"{flag} {name}: cannot load it as a causal LM ({first_line(error)})") from None
+        raise GKDUserError(f"{flag} {name}: cannot load it as {kind} ({first_line(error)})") from None
+
+
+def load_processor(name: str, trust_remote_code: bool, flag: str = "--model"):
+    """The processor of a vision-language checkpoint (its chat template and image processor), or None for
+    a checkpoint that reads text alone: a model type transformers loads as image-text-to-text, shipped with
+    an image processor."""
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception:  # load_model reports an unloadable checkpoint in its own words
+        return None
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return None
+    try:
+        processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise GKDUserError(f"{flag} {name}: cannot load its processor ({first_line(error)})") from None
+    return processor if getattr(processor, "image_processor", None) is not None else None
+
+
+# Where ms-swift's --freeze_vit / --freeze_aligner / --freeze_llm find each part of a vision-language model
+# (its MultiModelKeys, for transformers' own classes): parameter name prefixes per model type.
+VISION_LANGUAGE_PARTS = {
+    "idefics3": {"llm": ("model.text_model", "lm_head"), "vit": ("model.vision_model",),
+                 "aligner": ("model.connector",)},
+    "llava": {"llm": ("model.language_model", "lm_head"), "vit": ("model.vision_tower",),
+              "aligner": ("model.multi_modal_projector",)},
+    "internvl": {"llm": ("model.language_model", "lm_head"), "vit": ("model.vision_tower",),
+                 "aligner": ("model.multi_modal_projector",)},
+    "qwen2_vl": {"llm": ("model.language_model", "lm_head"), "vit": ("model.visual",),
+                 "aligner": ("model.visual.merger",)},
+    "qwen2_5_vl": {"llm": ("model.language_model", "lm_head"), "vit": ("model.visual",),
+                   "aligner": ("model.visual.merger",)},
+}
+
+
+def freeze_parts(model, name: str, freeze_llm: bool, freeze_vit: bool, freeze_aligner: bool) -> None:
+    """ms-swift's full-training rule: the frozen parts' parameters train no more; an aligner inside the vision
+    tower (Qwen2-VL's merger) trains when --freeze_aligner false, even with the tower frozen."""
+    parts = VISION_LANGUAGE_PARTS.get(model.config.model_type)
+    if parts is None:
+        raise GKDUserError(f"--model {name}: gkd does not know where the vision tower and aligner of a "
+                           f"{model.config.model_type} model are (it knows {', '.join(VISION_LANGUAGE_PARTS)})")
+    frozen = [*(parts["llm"] if freeze_llm else ()), *(parts["vit"] if freeze_vit else ()),
+              *(parts["aligner"] if freeze_aligner else ())]
+    trained = () if freeze_aligner else parts["aligner"]
+    for parameter_name, parameter in model.named_parameters():
+        if parameter_name.startswith(tuple(prefix + "." for prefix in frozen)) and \
+                not parameter_name.startswith(tuple(prefix + "." for prefix in trained)):
+            parameter.requires_grad_(False)
 
 
 def checkpoint_dtype(name: str, trust_remote_code: bool) -> torch.dtype | None:

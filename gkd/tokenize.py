@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 
 from gkd.errors import GKDUserError, first_line
+from gkd.images import open_image, with_image_parts
 
 LOSS_SCALES = ("last_round", "default")  # ms-swift's base strategies that mean something for GKD
-CACHE_FORMAT_VERSION = 2  # bump whenever what a cached example holds, or how it is computed, changes
+CACHE_FORMAT_VERSION = 3  # bump whenever what a cached example holds, or how it is computed, changes
 
 
 def cut_at_stop(token_ids: list[int], stop_ids) -> list[int]:
@@ -52,11 +53,19 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_messages(tokenizer, prompt_messages, completion, stop_ids, *,
-                      enable_thinking: bool | None = None) -> tuple[list[int], list[int] | None]:
-    """Prompt ids (chat template + generation prompt) and completion ids (cut after the first stop)."""
+def tokenize_messages(tokenizer, prompt_messages, completion, stop_ids, *, enable_thinking: bool | None = None,
+                      images: list[str] | None = None, processor=None) -> tuple[list[int], list[int] | None]:
+    """Prompt ids (chat template + generation prompt) and completion ids (cut after the first stop). With
+    images (references, gkd.images), the processor writes the prompt: its template places each image, and
+    it expands each into as many image tokens as the vision tower gives that picture."""
+    if images:
+        prompt_messages = with_image_parts(prompt_messages)
     prompt_text = render(tokenizer, prompt_messages, True, enable_thinking)
-    prompt_ids = encode(tokenizer, prompt_text)
+    if images:
+        pictures = [open_image(reference) for reference in images]
+        prompt_ids = list(processor(text=[prompt_text], images=[pictures], add_special_tokens=False)["input_ids"][0])
+    else:
+        prompt_ids = encode(tokenizer, prompt_text)
     if completion is None:
         return prompt_ids, None
     full_text = render(tokenizer, prompt_messages + [{"role": "assistant", "content": completion}], False,
@@ -150,16 +159,18 @@ def shift_spans(spans, cut: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- whole datasets
 
 
-def _tokenize_record(record: dict, tokenizer, settings: dict) -> dict:
+def _tokenize_record(record: dict, tokenizer, processor, settings: dict) -> dict:
     """One row in a `Dataset.map` worker. A GKDUserError travels back as the row's `error` (the caller raises
     the first one, in row order), so it reaches the user as one line whatever process met it."""
     where, messages, completion = record["where"], json.loads(record["messages"]), record["completion"]
+    images = json.loads(record["images"]) if record["images"] is not None else None
     enable_thinking, max_length, strategy = settings["enable_thinking"], settings["max_length"], \
         settings["truncation_strategy"]
     empty = {"prompt_ids": [], "completion_ids": None, "prompt_label_spans": [], "teacher_prompt_ids": None}
     try:
         prompt_ids, completion_ids = tokenize_messages(tokenizer, messages, completion, settings["stop_ids"],
-                                                       enable_thinking=enable_thinking)
+                                                       enable_thinking=enable_thinking, images=images,
+                                                       processor=processor)
         spans = []
         if settings["loss_scale"] == "default":
             spans = assistant_spans(tokenizer, messages, prompt_ids, settings["stop_ids"], where,
@@ -168,7 +179,8 @@ def _tokenize_record(record: dict, tokenizer, settings: dict) -> dict:
         teacher_prompt_ids = None
         if record["teacher_messages"] is not None:  # OPSD: the teacher's prompt, bounded as a prompt alone
             teacher_prompt_ids, _ = tokenize_messages(tokenizer, json.loads(record["teacher_messages"]), None,
-                                                      settings["stop_ids"], enable_thinking=enable_thinking)
+                                                      settings["stop_ids"], enable_thinking=enable_thinking,
+                                                      images=images, processor=processor)
             teacher_kept = truncate(teacher_prompt_ids, None, max_length, strategy, f"{where} (teacher_prompt)")
             kept = kept if teacher_kept is not None else None
             teacher_prompt_ids = teacher_kept and teacher_kept[0]
@@ -217,8 +229,10 @@ def cache_folder() -> Path:
 
 def tokenize_records(records, tokenizer, *, stop_ids, max_length=None, truncation_strategy="delete",
                      enable_thinking=None, loss_scale="last_round", system=None, num_proc: int = 1,
-                     load_from_cache_file: bool = False, desc: str = "tokenizing") -> list[dict | None]:
-    """Tokenize (where, prompt_messages, completion, teacher_messages or None) records through
+                     load_from_cache_file: bool = False, desc: str = "tokenizing",
+                     processor=None) -> list[dict | None]:
+    """Tokenize (where, prompt_messages, completion, teacher_messages or None, image references or None)
+    records (the processor: for those with images) through
     `datasets.Dataset.map`; one result per record, in order: {"prompt_ids", "completion_ids",
     "prompt_label_spans", "teacher_prompt_ids"}, or None for a dropped row. A teacher prompt (OPSD) obeys
     max_length as a prompt alone does; a row whose teacher prompt is dropped is dropped whole.
@@ -233,15 +247,17 @@ def tokenize_records(records, tokenizer, *, stop_ids, max_length=None, truncatio
                 "truncation_strategy": truncation_strategy, "enable_thinking": enable_thinking,
                 "loss_scale": check_loss_scale(loss_scale)}
     records = [(where, json.dumps(messages, ensure_ascii=False), completion,
-                None if teacher is None else json.dumps(teacher, ensure_ascii=False))
-               for where, messages, completion, teacher in records]
-    key = cache_key(records, tokenizer, settings, system)
+                None if teacher is None else json.dumps(teacher, ensure_ascii=False),
+                None if images is None else json.dumps(images))
+               for where, messages, completion, teacher, images in records]
+    image_processor = processor.image_processor.to_json_string() if processor is not None else None
+    key = cache_key(records, tokenizer, {**settings, "image_processor": image_processor}, system)
     cache_file_name = None
     if load_from_cache_file:
         cache_folder().mkdir(parents=True, exist_ok=True)
         cache_file_name = str(cache_folder() / f"{key}.arrow")
     text = datasets.Value("string")
-    columns = ("where", "messages", "completion", "teacher_messages")
+    columns = ("where", "messages", "completion", "teacher_messages", "images")
     table = datasets.Dataset.from_dict(
         {name: [record[index] for record in records] for index, name in enumerate(columns)},
         features=datasets.Features({name: text for name in columns}),
@@ -251,7 +267,7 @@ def tokenize_records(records, tokenizer, *, stop_ids, max_length=None, truncatio
                                   "teacher_prompt_ids": token_list, "prompt_label_spans": datasets.List(token_list),
                                   "dropped": datasets.Value("bool"), "error": datasets.Value("string")})
     mapped = table.map(
-        _tokenize_record, fn_kwargs={"tokenizer": tokenizer, "settings": settings},
+        _tokenize_record, fn_kwargs={"tokenizer": tokenizer, "processor": processor, "settings": settings},
         remove_columns=table.column_names, features=features, num_proc=num_proc if num_proc > 1 else None,
         cache_file_name=cache_file_name, load_from_cache_file=load_from_cache_file, new_fingerprint=key, desc=desc,
     ).to_dict()

@@ -23,6 +23,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from gkd.completion_log import CompletionLog, per_row_sums
 from gkd.data import IGNORE_INDEX, build_batch, collate_examples
 from gkd.errors import GKDUserError
+from gkd.images import pixel_inputs
 from gkd.losses import LossBatch, LossSettings, choose_loss_impl, make_loss
 from gkd.losses.common import recording_divergences
 from gkd.models import pad_token_id
@@ -92,13 +93,16 @@ class GKDTrainer(Trainer):
         self.stop_token_ids = tuple(stop_token_ids)
         self.compared_vocab_size = compared_vocab_size
         self.packing, self.padding_free = packing, padding_free or packing
-        self.completion_log = CompletionLog(self.args.output_dir, self.processing_class, self.accelerator) \
+        # processing_class: the tokenizer, or a vision-language model's processor (its tokenizer inside)
+        self.tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        self.processor = self.processing_class if hasattr(self.processing_class, "image_processor") else None
+        self.completion_log = CompletionLog(self.args.output_dir, self.tokenizer, self.accelerator) \
             if log_completions else None
         if self.completion_log is not None:
             self.add_callback(_FlushCompletionLog(self))
         self._step_samples = []  # per micro-batch of the step: (step, global indices, sources, prompts, completions)
-        self.pad_token_id = pad_token_id(self.processing_class)
-        self.vocab_size = len(self.processing_class)  # ids at or past it are the output layers' padding
+        self.pad_token_id = pad_token_id(self.tokenizer)
+        self.vocab_size = len(self.tokenizer)  # ids at or past it are the output layers' padding
 
         # How each model is spread over the processes: the engines generate accordingly, and a sharded model's
         # weight sync and generation are entered by every process together.
@@ -109,6 +113,10 @@ class GKDTrainer(Trainer):
         self.teacher = make_teacher(teacher_model, model, self.shardings["student"], self.accelerator, self.args,
                                     gkd_args)
         self.shardings["teacher"] = self.teacher.sharding
+        if self.processor is not None and any(sharding.collective for sharding in self.shardings.values()):
+            raise GKDUserError("ZeRO-3 and FSDP with rows that have images are not supported yet: a process whose "
+                               "batch has no picture would skip the vision tower while the others gather its "
+                               "weights")
         self.add_callback(_OffloadTeacherBeforeOptimizerStep(self.teacher))
         if gkd_args.gkd_logits_topk is not None and gkd_args.gkd_logits_topk > compared_vocab_size:
             raise GKDUserError(f"--gkd_logits_topk {gkd_args.gkd_logits_topk}: must be at most the vocabulary "
@@ -128,9 +136,10 @@ class GKDTrainer(Trainer):
         # The student samples in the training precision: under --bf16 its float32 master weights run through
         # autocast, as in its training forward (vLLM engines hold weights in their own dtype).
         self.student_engine = student_engine or TransformersEngine(
-            model, self.pad_token_id, autocast=self.accelerator.autocast, sharding=self.shardings["student"])
-        self.teacher_engine = teacher_engine or self.teacher.sampling_engine(self.pad_token_id,
-                                                                             self.accelerator.unwrap_model)
+            model, self.pad_token_id, autocast=self.accelerator.autocast, sharding=self.shardings["student"],
+            processor=self.processor)
+        self.teacher_engine = teacher_engine or self.teacher.sampling_engine(
+            self.pad_token_id, self.accelerator.unwrap_model, self.processor)
         self._weights_synced_at_step = None
         self._reset_metrics()
         self._metrics_since_step = None  # set at the first step: a resumed run starts at its checkpoint's step
@@ -211,8 +220,10 @@ class GKDTrainer(Trainer):
             seeds = [derive_seed(self.args.seed, "sample", global_step, own_indices[m][row]) for m, row in chosen]
             if source == "teacher":
                 self.teacher.load()  # after the student's engine has released its memory (idle)
+            images = [batch_samples[m]["images"][row] for m, row in chosen] if self.processor else []
             with self.teacher.running() if source == "teacher" else contextlib.nullcontext():
-                generated = engine.generate(prompts, settings, seeds)
+                # (images only where rows have them: gkd-train gives the other engines none)
+                generated = engine.generate(prompts, settings, seeds, **({"images": images} if any(images) else {}))
             engine.idle()  # no more sampling from it before the next optimizer step
             # generation is bounded by --max_completion_length alone (--max_length bounds the prompt)
             for (m, row), completion in zip(chosen, generated):
@@ -229,12 +240,15 @@ class GKDTrainer(Trainer):
         return batch["prompt_ids"][row]
 
     def _tensors(self, prompts, completions, vocab_size=None, prompt_label_spans=None, teacher_prompts=None,
-                 teacher_tags=None) -> dict:
+                 teacher_tags=None, images=None) -> dict:
         """build_batch's padded tensors, or (--padding_free) one sequence of the rows (gkd.packing.pack_batch).
         teacher_prompts: per row its teacher prompt (OPSD) or None; if any row has one, teacher_* tensors hold
         what the teacher reads: every row's teacher prompt (or its prompt) before the same completion.
-        teacher_tags: per row, what routes it to one of several served teachers (kept as a list)."""
+        teacher_tags: per row, what routes it to one of several served teachers (kept as a list). images: per
+        row, its image references; pixel_inputs then holds what both models' image tokens read."""
         tensors = build_batch(prompts, completions, self.pad_token_id, vocab_size, prompt_label_spans)
+        if images and any(images):
+            tensors["pixel_inputs"] = pixel_inputs(self.processor, images)
         tensors = pack_batch(tensors) if self.padding_free else tensors
         if teacher_tags and any(tag is not None for tag in teacher_tags):
             tensors["teacher_tags"] = list(teacher_tags)
@@ -247,7 +261,7 @@ class GKDTrainer(Trainer):
     def _batch_tensors(self, batch: dict, sources: list[str]) -> dict:
         prompts, completions = batch["prompt_ids"], batch["completion_ids"]
         tensors = self._tensors(prompts, completions, self.vocab_size, batch.get("prompt_label_spans"),
-                                batch.get("teacher_prompt_ids"), batch.get("teacher_tags"))
+                                batch.get("teacher_prompt_ids"), batch.get("teacher_tags"), batch.get("images"))
         tensors["from_student"] = torch.tensor([source == "student" for source in sources])
         for source in sources:
             self._metrics[f"samples_{source}"] += 1
@@ -283,15 +297,15 @@ class GKDTrainer(Trainer):
     def _loss_batch(inputs, sft: bool) -> LossBatch:
         """sft: the cross-entropy's rows (non-student samples), per position in a padding-free sequence."""
         sft_rows = ~inputs["from_student"] if sft else None
-        teacher_view = None
+        teacher_view, pixels = None, inputs.get("pixel_inputs")
         if "teacher_input_ids" in inputs:  # OPSD: the teacher reads its own prompts (padded rows, never packed)
             teacher_view = LossBatch(inputs["teacher_input_ids"], inputs["teacher_attention_mask"],
-                                     inputs["teacher_labels"])
+                                     inputs["teacher_labels"], pixel_inputs=pixels)
         packed = "position_ids" in inputs  # padding-free: one sequence, the rows told apart by position_ids
         if packed and sft_rows is not None:
             sft_rows = sft_rows[inputs["row_ids"]]
         return LossBatch(inputs["input_ids"], None if packed else inputs["attention_mask"], inputs["labels"], sft_rows,
-                         inputs.get("position_ids"), teacher_view, inputs.get("teacher_tags"))
+                         inputs.get("position_ids"), teacher_view, inputs.get("teacher_tags"), pixels)
 
     def _loss_sums(self, model, inputs, sft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed generalized JSD and summed cross-entropy (on non-student samples; 0 when sft is False or
@@ -353,9 +367,8 @@ class GKDTrainer(Trainer):
             batch = self._tensors(inputs["prompt_ids"], inputs["completion_ids"],
                                   prompt_label_spans=inputs.get("prompt_label_spans"),
                                   teacher_prompts=inputs.get("teacher_prompt_ids"),
-                                  teacher_tags=inputs.get("teacher_tags"))
-            batch = {name: tensor.to(self.args.device) if isinstance(tensor, torch.Tensor) else tensor
-                     for name, tensor in batch.items()}
+                                  teacher_tags=inputs.get("teacher_tags"), images=inputs.get("images"))
+            batch = self._prepare_inputs(batch)  # tensors (and the pixel inputs' dict) to the device
             batch["from_student"] = torch.zeros(len(inputs["prompt_ids"]), dtype=torch.bool, device=self.args.device)
             with torch.no_grad(), self.compute_loss_context_manager():
                 jsd_sum, _ = self._loss_sums(model, batch, sft=False)  # eval_loss is the JSD alone: no SFT term

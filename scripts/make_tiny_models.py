@@ -76,7 +76,9 @@ CHAT_TEMPLATE = (
 MAX_POSITIONS = 256
 
 
-def build_tokenizer():
+def build_tokenizer(extra_special_tokens=(), chat_template=CHAT_TEMPLATE):
+    """extra_special_tokens: more special tokens after the chat ones (the vision-language builder's image
+    tokens), at ids 259 on."""
     # ByteLevel maps each of the 256 bytes to a printable character; sorting
     # them gives ids 0..255 that depend on nothing but this code.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -86,7 +88,7 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     # The special tokens come after the bytes: ids 256, 257, 258.
-    tok.add_special_tokens([PAD_TOKEN, IM_START, EOS_TOKEN])
+    tok.add_special_tokens([PAD_TOKEN, IM_START, EOS_TOKEN, *extra_special_tokens])
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -95,7 +97,7 @@ def build_tokenizer():
         pad_token=PAD_TOKEN,
         model_max_length=MAX_POSITIONS,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -185,8 +187,9 @@ STUDENT_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=2, intermediate_size=192)
 
 
-def build_model(shape, tokenizer, seed):
-    config = LlamaConfig(
+def llama_config(shape, tokenizer) -> LlamaConfig:
+    """The language model of a shape (also the vision-language builder's)."""
+    return LlamaConfig(
         vocab_size=VOCAB_SIZE,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=False,
@@ -199,15 +202,19 @@ def build_model(shape, tokenizer, seed):
         initializer_range=0.06,
         **shape,
     )
+
+
+def generation_config(tokenizer, max_new_tokens: int = 32) -> GenerationConfig:
+    return GenerationConfig(bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens)
+
+
+def build_model(shape, tokenizer, seed):
+    config = llama_config(shape, tokenizer)
     assert config.head_dim >= 32, config.head_dim
     torch.manual_seed(seed)  # the initial weights depend on this alone
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=32,
-    )
+    model.generation_config = generation_config(tokenizer)
     return model
 
 
@@ -229,7 +236,7 @@ def encode_example(tokenizer, row):
     return prompt_ids, answer_ids + [tokenizer.eos_token_id]
 
 
-def make_batch(examples, pad_id):
+def make_batch(examples, pad_id) -> dict:
     # Right padding. The causal mask already keeps real tokens from seeing the
     # pads after them, so no attention mask is needed; pads carry no loss.
     width = max(len(p) + len(c) for p, c in examples)
@@ -238,10 +245,11 @@ def make_batch(examples, pad_id):
     for i, (p, c) in enumerate(examples):
         input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
         labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
-    return input_ids, labels
+    return {"input_ids": input_ids, "labels": labels}
 
 
-def train(model, examples, steps, batch_size, lr, seed, pad_id, log_every, name):
+def train(model, examples, steps, batch_size, lr, seed, pad_id, log_every, name, batch_of=make_batch):
+    """batch_of(examples, pad_id): the model's keyword arguments for a batch, labels included."""
     if steps == 0:
         return  # keep the random initial weights
     model.train()
@@ -264,11 +272,10 @@ def train(model, examples, steps, batch_size, lr, seed, pad_id, log_every, name)
                 order = list(range(len(examples)))
                 rng.shuffle(order)
             batch.append(examples[order.pop()])
-        input_ids, labels = make_batch(batch, pad_id)
 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(input_ids=input_ids, labels=labels).loss
+        loss = model(**batch_of(batch, pad_id)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -37,6 +37,16 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vl(tmp_path_factory):
+    """The tiny vision-language student, teacher and coloured-shape captions, built once per session (the
+    teacher trained until its captions follow the picture)."""
+    out = tmp_path_factory.mktemp("tiny_vl") / "build"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_vl_models.py"), "--output_dir", str(out),
+                    "--teacher_steps", "150", "--student_steps", "5", "--no_eval"], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny):
     from transformers import AutoTokenizer
 

@@ -289,8 +289,8 @@ def test_rows_with_images_are_refused_never_dropped(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "coco.jsonl", [
         {"messages": [{"role": "user", "content": "<image>Describe it."}, {"role": "assistant", "content": "A cat."}],
          "images": ["cat.png"]}])
-    with pytest.raises(GKDUserError, match=r"coco\.jsonl:1: the row has images; vision-language distillation is "
-                                           r"not supported"):
+    with pytest.raises(GKDUserError, match=r"^[^\n]*coco\.jsonl:1: the row has images, and the model reads text "
+                                           r"alone; gkd never trains on a caption without its picture$"):
         load_examples([str(path)], tokenizer, (tokenizer.eos_token_id,), seed=0)
 
 
@@ -429,6 +429,7 @@ def test_loss_scale_default_supervises_every_assistant_turn(tmp_path, tokenizer)
     collated = collate_examples([example])
     assert collated.pop("teacher_prompt_ids") == [None]
     assert collated.pop("teacher_tags") == [None]
+    assert collated.pop("images") == [[]]
     batch = build_batch(**collated, pad_token_id=tokenizer.pad_token_id)
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     supervised = [position for position, label in enumerate(labels) if label != IGNORE_INDEX]

@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass
 from gkd.config import VLLMEngineArguments
 from gkd.config.tools import InferArguments, parse_infer_config
 from gkd.data import DatasetSpec, read_rows, row_to_messages, split_prompt_completion
+from gkd.images import IMAGE_COLUMNS, check_images, has_images, image_refs, place_image_tags
 from gkd.tokenize import check_chat_template, tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
 from gkd.launch import run_under_torchrun_if_asked
-from gkd.models import DTYPES, generation_config, load_model, load_tokenizer, pad_token_id, stop_token_ids
+from gkd.models import (DTYPES, generation_config, load_model, load_processor, load_tokenizer, pad_token_id,
+                        stop_token_ids)
 from gkd.result_file import KEY_FIELD, ResultFile, check_result_path
 
 logger = logging.getLogger("gkd")
@@ -37,6 +39,7 @@ class Sample:
     row: dict
     prompt_messages: list[dict]
     label: str | None
+    images: list[str]  # the row's image references (gkd.images), [] for a text row
 
 
 def sample_key(spec_index: int, spec: str, row: dict, occurrence: int, answer: int) -> str:
@@ -48,27 +51,44 @@ def sample_key(spec_index: int, spec: str, row: dict, occurrence: int, answer: i
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def list_samples(args: InferArguments) -> list[Sample]:
-    """Every (input row, response number) of the input, in order."""
+def list_samples(args: InferArguments, processor=None) -> list[Sample]:
+    """Every (input row, response number) of the input, in order. processor: a vision-language model's, for
+    rows with images (refused without one)."""
     samples = []
     for spec_index, spec in enumerate(args.val_dataset):
         seen = Counter()
         for where, row in read_rows(DatasetSpec.parse(spec), args.seed):
-            content = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+            if has_images(row) and processor is None:  # never a caption written without its picture
+                raise GKDUserError(f"{where}: the row has images, and --model {args.model} reads text alone")
+            messages, images = row_to_messages(row, where, args.system), image_refs(row, where)
+            if images:
+                if args.infer_backend == "vllm":
+                    raise GKDUserError(f"{where}: the row has images; --infer_backend vllm samples text rows only "
+                                       "in gkd so far (use --infer_backend transformers)")
+                check_images(images, where)
+                messages = place_image_tags(messages, len(images), where)
+            prompt_messages, label = split_prompt_completion(messages)
+            # (a decoded picture's text would name its address in memory: the row is named by its references)
+            named = {**{name: value for name, value in row.items() if name not in IMAGE_COLUMNS}, "images": images} \
+                if images else row
+            content = json.dumps(named, sort_keys=True, ensure_ascii=False, default=str)
             occurrence, seen[content] = seen[content], seen[content] + 1
-            prompt_messages, label = split_prompt_completion(row_to_messages(row, where, args.system))
             if not prompt_messages:
                 raise GKDUserError(f"{where}: the row has an assistant turn but no prompt")
             for answer in range(args.num_return_sequences):
-                key = sample_key(spec_index, spec, row, occurrence, answer)
-                samples.append(Sample(key, len(samples), row, prompt_messages, label))
+                key = sample_key(spec_index, spec, named, occurrence, answer)
+                samples.append(Sample(key, len(samples), row, prompt_messages, label, images))
     return samples
 
 
 def result_row(sample: Sample, response: str) -> dict:
-    """The input row, its last assistant turn replaced (or added) by the response, as swift infer writes."""
+    """The input row, its last assistant turn replaced (or added) by the response, as swift infer writes; its
+    images as the references gkd-train reads back (paths, URLs, data URLs; ms-swift writes '<<<bytes>>>'
+    for bytes, which no later step can read)."""
+    images = {"images": sample.images} if sample.images else {}
     return {
-        **sample.row,
+        **{name: value for name, value in sample.row.items() if not (images and name in IMAGE_COLUMNS)},
+        **images,
         "messages": sample.prompt_messages + [{"role": "assistant", "content": response}],
         "response": response,
         "labels": sample.label,
@@ -76,8 +96,9 @@ def result_row(sample: Sample, response: str) -> dict:
     }
 
 
-def make_engine(args: InferArguments, engine_args: VLLMEngineArguments, tokenizer, device):
-    """The engine, and the stop tokens of the model it samples from."""
+def make_engine(args: InferArguments, engine_args: VLLMEngineArguments, tokenizer, device, processor=None):
+    """The engine, and the stop tokens of the model it samples from (processor: a vision-language model's,
+    loaded as one, when rows have images)."""
     if args.infer_backend == "vllm":
         from gkd.sampling.vllm_engine import VLLMEngine
 
@@ -87,8 +108,10 @@ def make_engine(args: InferArguments, engine_args: VLLMEngineArguments, tokenize
     from gkd.sampling import TransformersEngine
 
     dtype = "auto" if args.torch_dtype == "auto" else DTYPES[args.torch_dtype]
-    model = load_model(args.model, dtype, args.attn_impl, args.trust_remote_code, "--model").to(device).eval()
-    engine = TransformersEngine(model, pad_token_id(tokenizer), max_batch_size=args.max_batch_size)
+    model = load_model(args.model, dtype, args.attn_impl, args.trust_remote_code, "--model",
+                       images=processor is not None).to(device).eval()
+    engine = TransformersEngine(model, pad_token_id(tokenizer), max_batch_size=args.max_batch_size,
+                                processor=processor)
     return engine, stop_token_ids(tokenizer, model.generation_config)
 
 
@@ -135,8 +158,10 @@ def infer(args: InferArguments, engine_args: VLLMEngineArguments) -> None:
             state.wait_for_everyone()
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     check_chat_template(tokenizer, args.model)
-    samples = list_samples(args)
-    engine, stop_ids = make_engine(args, engine_args, tokenizer, state.device)
+    processor = load_processor(args.model, args.trust_remote_code)  # None: the model reads text alone
+    samples = list_samples(args, processor)
+    images = any(sample.images for sample in samples)
+    engine, stop_ids = make_engine(args, engine_args, tokenizer, state.device, processor if images else None)
     # Opened only once every input has been checked, so that bad input leaves no file behind.
     result_file, done = open_result_file(args, state)
     already = sum(sample.key in done for sample in samples)
@@ -150,11 +175,13 @@ def infer(args: InferArguments, engine_args: VLLMEngineArguments) -> None:
         for start in range(0, len(samples), args.write_batch_size):
             batch = samples[start : start + args.write_batch_size]
             mine = batch[state.process_index :: state.num_processes]
-            prompts = [tokenize_messages(tokenizer, sample.prompt_messages, None, stop_ids)[0] for sample in mine]
+            prompts = [tokenize_messages(tokenizer, sample.prompt_messages, None, stop_ids, images=sample.images,
+                                         processor=processor)[0] for sample in mine]
             # Each response's seed comes from its key (row content and response number) alone: a resumed run
             # writes what an uninterrupted one would have, whatever the write batches and processes.
             seeds = [derive_seed(args.seed, sample.key) for sample in mine]
-            completions = engine.generate(prompts, settings, seeds)
+            pictures = {"images": [sample.images for sample in mine]} if images else {}
+            completions = engine.generate(prompts, settings, seeds, **pictures)
             rows = [(sample.order, result_row(sample, tokenizer.decode(completion, skip_special_tokens=True)))
                     for sample, completion in zip(mine, completions)]
             tokens = [sum(len(completion) for completion in completions)]

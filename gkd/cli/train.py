@@ -14,8 +14,8 @@ from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
 from gkd.launch import run_under_torchrun_if_asked
 from gkd.models import (
-    DTYPES, apply_lora, check_vocabularies, checkpoint_dtype, disable_dropout, generation_config, load_model,
-    load_tokenizer, stop_token_ids, tokenizer_fingerprint,
+    DTYPES, apply_lora, check_vocabularies, checkpoint_dtype, disable_dropout, freeze_parts, generation_config,
+    load_model, load_processor, load_tokenizer, stop_token_ids, tokenizer_fingerprint,
 )
 from gkd.packing import pack_examples
 from gkd.run_folder import RunFolderCallback, latest_checkpoint, remove_unfinished_run, start_run_folder
@@ -114,6 +114,27 @@ def _say_what_is_ignored(config: GKDConfig) -> None:
             logger.info("%s %s: gkd reads the architecture and chat template from the checkpoint itself", flag, value)
 
 
+def check_image_run(config: GKDConfig, teacher_dir: str | None) -> None:
+    """Rows with images: what reads them must be a vision-language model, and what gkd cannot yet feed images
+    to is refused in one line (never a run whose images some part silently ignores)."""
+    model_args, data_args, gkd_args = config.model, config.data, config.gkd
+    if teacher_dir and load_processor(teacher_dir, model_args.trust_remote_code, "--teacher_model") is None:
+        raise GKDUserError(f"--teacher_model {model_args.teacher_model}: it reads text alone, and the rows have "
+                           "images; the teacher must see the pictures it describes")
+    unsupported = [
+        (gkd_args.teacher_model_server, "--teacher_model_server: a served teacher is sent token ids alone, so the "
+                                        "rows' images cannot reach it"),
+        (config.vllm.use_vllm, "--use_vllm true: rows with images are sampled by transformers generate only, so far"),
+        (data_args.padding_free or data_args.packing, "--padding_free / --packing: rows with images are not packed "
+                                                      "yet"),
+        (config.tuner.tuner_type == "lora", "--tuner_type lora: adapters on a vision-language model are not "
+                                            "supported yet"),
+    ]
+    for applies, message in unsupported:
+        if applies:
+            raise GKDUserError(message)
+
+
 def train(config: GKDConfig) -> None:
     from gkd.trainer import GKDTrainer  # imports torch-heavy Trainer machinery; not needed to refuse bad flags
 
@@ -141,13 +162,15 @@ def train(config: GKDConfig) -> None:
     if servers:  # each asked now what it serves: a wrong server stops the run before data and models load
         teacher = ServedTeacher(servers, gkd_args.gkd_logits_topk, gkd_args.loss_temperature,
                                 gkd_args.gkd_logits_topk_tail, tokenizer, gkd_args.teacher_tag_key)
+    processor = load_processor(student_dir, model_args.trust_remote_code)  # None: the student reads text alone
     need_completions = gkd_args.lmbda < 1 and not gkd_args.seq_kd
     data_seed = training.data_seed if training.data_seed is not None else 42  # ms-swift's data_seed default
     data_settings = dict(seed=data_seed, system=data_args.system, max_length=data_args.max_length,
                          truncation_strategy=data_args.truncation_strategy, dataset_num_proc=data_args.dataset_num_proc,
                          load_from_cache_file=data_args.load_from_cache_file, enable_thinking=data_args.enable_thinking,
                          loss_scale=data_args.loss_scale,
-                         teacher_tag_key=gkd_args.teacher_tag_key if len(servers) > 1 else None)
+                         teacher_tag_key=gkd_args.teacher_tag_key if len(servers) > 1 else None,
+                         processor=processor, text_only_reason=f"--model {model_args.model} reads text alone")
     with training.main_process_first(local=True, desc="tokenizing"):  # one process fills the cache
         train_examples = load_examples(
             data_args.dataset, tokenizer, stop_ids, need_completions=need_completions,
@@ -164,6 +187,9 @@ def train(config: GKDConfig) -> None:
                                "completions for the evaluation loss, and some have none")
     if len(servers) > 1:  # every row must have a teacher
         teacher.check_rows(example["teacher_tag"] for example in train_examples + (eval_examples or []))
+    images = any(example["images"] for example in train_examples + (eval_examples or []))
+    if images:
+        check_image_run(config, teacher_dir)
     logger.info("%d training rows, %d evaluation rows", len(train_examples), len(eval_examples or []))
     if data_args.packing:  # ms-swift's --packing: a training sample is a bin of rows
         train_examples = pack_examples(train_examples, data_args.packing_length or data_args.max_length)
@@ -177,11 +203,14 @@ def train(config: GKDConfig) -> None:
         dtype = default_torch_dtype(checkpoint_dtype(student_dir, model_args.trust_remote_code))
     set_mixed_precision(training, dtype)
     student = load_model(student_dir, student_weight_dtype(dtype, training), model_args.attn_impl,
-                         model_args.trust_remote_code, "--model")
+                         model_args.trust_remote_code, "--model", images)
+    if images:
+        freeze_parts(student, model_args.model, config.tuner.freeze_llm, config.tuner.freeze_vit,
+                     config.tuner.freeze_aligner)
     if teacher is None:  # --teacher_model, loaded in this process
         with loading_teacher(training, gkd_args.teacher_deepspeed):  # partitioned as it loads under ZeRO-3
             teacher = load_model(teacher_dir, dtype, model_args.attn_impl, model_args.trust_remote_code,
-                                 "--teacher_model")
+                                 "--teacher_model", images)
         compared_vocab_size = check_vocabularies(tokenizer, _teacher_tokenizer(teacher_dir, config), student,
                                                  teacher, model_args.model, model_args.teacher_model)
     else:  # the student itself, or a served teacher: the student's output rows are compared
@@ -196,7 +225,8 @@ def train(config: GKDConfig) -> None:
         trainer = GKDTrainer(
             model=student, teacher_model=teacher, args=training, gkd_args=gkd_args,
             stop_token_ids=stop_ids, compared_vocab_size=compared_vocab_size,
-            train_dataset=train_examples, eval_dataset=eval_examples, processing_class=tokenizer,
+            train_dataset=train_examples, eval_dataset=eval_examples,
+            processing_class=processor if images else tokenizer,  # what checkpoints save beside the weights
             student_engine=make_student_engine(config, student_dir, student, tokenizer, dtype),
             padding_free=data_args.padding_free, packing=data_args.packing, log_completions=gkd_args.log_completions,
             callbacks=[RunFolderCallback(training.output_dir, run_arguments(config),

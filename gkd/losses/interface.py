@@ -54,6 +54,7 @@ class LossBatch:
     position_ids: torch.Tensor | None = None
     teacher_view: LossBatch | None = None
     teacher_tags: list[str | None] | None = None  # per row: which served teacher teaches it (--teacher_tag_key)
+    pixel_inputs: dict | None = None  # vision-language rows: pixel_values and the like, for both models' forward
 
     def teacher_inputs(self, **extra) -> dict:
         """The teacher's forward arguments."""
@@ -76,7 +77,7 @@ class LossBatch:
         return moved.reshape(*self.labels.shape, *teacher_values.shape[2:])
 
     def forward_kwargs(self, **extra) -> dict:
-        inputs = {"input_ids": self.input_ids, "use_cache": False, **extra}
+        inputs = {"input_ids": self.input_ids, "use_cache": False, **(self.pixel_inputs or {}), **extra}
         if self.attention_mask is not None:
             inputs["attention_mask"] = self.attention_mask
         if self.position_ids is not None:

@@ -17,6 +17,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from gkd.images import pixel_inputs
 from gkd.sampling.base import SamplingEngine, SamplingSettings
 from gkd.sharding.base import ModelSharding, Replicated
 from gkd.tokenize import cut_at_stop
@@ -52,10 +53,12 @@ class RowGumbelNoise(LogitsProcessor):
 
 class TransformersEngine(SamplingEngine):
     def __init__(self, model, pad_token_id: int, max_batch_size: int | None = None, autocast=contextlib.nullcontext,
-                 sharding: ModelSharding | None = None):
+                 sharding: ModelSharding | None = None, processor=None):
         """autocast: a context manager factory generation runs under (the trainer's mixed precision);
-        sharding: how the model is spread over the processes (default: whole in this one)."""
+        sharding: how the model is spread over the processes (default: whole in this one); processor: a
+        vision-language model's, which turns the prompts' images into its image inputs."""
         self.model = model
+        self.processor = processor
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.autocast = autocast
@@ -97,8 +100,12 @@ class TransformersEngine(SamplingEngine):
         return processors
 
     @torch.no_grad()
-    def _generate_batch(self, prompts, seeds, settings: SamplingSettings, **generate_options) -> list[list[int]]:
+    def _generate_batch(self, prompts, seeds, settings: SamplingSettings, images=None,
+                        **generate_options) -> list[list[int]]:
         device = next(self.model.parameters()).device
+        if images and any(images):  # the prompts' image tokens read these pictures
+            generate_options.update({name: tensor.to(device)
+                                     for name, tensor in pixel_inputs(self.processor, images).items()})
         width = max(len(prompt) for prompt in prompts)
         # Left padding, so that every prompt ends where generation starts.
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
@@ -114,7 +121,9 @@ class TransformersEngine(SamplingEngine):
         return output[:, width:].tolist()
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings,
-                 seeds: list[int] | None = None) -> list[list[int]]:
+                 seeds: list[int] | None = None, images: list[list[str]] | None = None) -> list[list[int]]:
+        """images (vision-language models): per prompt, the references of the pictures its image tokens stand
+        for (gkd.images)."""
         if not prompts and not self.collective:
             return []
         if seeds is not None and len(seeds) != len(prompts):
@@ -125,21 +134,22 @@ class TransformersEngine(SamplingEngine):
         try:
             with self.autocast(), self.sharding.generating():
                 if self.sharding.synced:
-                    completions = self._generate_synced(prompts, seeds, settings)
+                    completions = self._generate_synced(prompts, seeds, settings, images)
                 else:
                     batch_size = self.max_batch_size or max(len(prompts), 1)
                     for start in range(0, len(prompts), batch_size):
                         batch_seeds = None if seeds is None else seeds[start : start + batch_size]
+                        batch_images = None if images is None else images[start : start + batch_size]
                         # explicitly off: transformers turns it on by itself for ZeRO-3 and FSDP models
                         completions += self._generate_batch(prompts[start : start + batch_size], batch_seeds,
-                                                            settings, synced_gpus=False)
+                                                            settings, batch_images, synced_gpus=False)
         finally:
             self.model.train(was_training)
         return [cut_at_stop(completion, settings.stop_token_ids) for completion in completions]
 
-    def _generate_synced(self, prompts, seeds, settings: SamplingSettings) -> list[list[int]]:
+    def _generate_synced(self, prompts, seeds, settings: SamplingSettings, images=None) -> list[list[int]]:
         """Sharded weights: one generate call, stepping with the other processes until all are done."""
         if not prompts:  # a stand-in, so that this process runs the forwards the others need
             self._generate_batch([[self.pad_token_id]], [0], settings, synced_gpus=True)
             return []
-        return self._generate_batch(prompts, seeds, settings, synced_gpus=True)
+        return self._generate_batch(prompts, seeds, settings, images, synced_gpus=True)

@@ -31,10 +31,11 @@ class Teacher:
         after, so the full logits can go); a teacher that answers elsewhere (served) starts at once."""
         return lambda: teacher_topk(flat_vocab(self.logits(batch), vocab_size), topk, temperature)
 
-    def sampling_engine(self, pad_token_id: int, unwrap):
+    def sampling_engine(self, pad_token_id: int, unwrap, processor=None):
         """What writes its seq_kd completions: transformers generate on its model (unwrap: the accelerator's,
-        for a prepared model), sharded as it is; None for a teacher that writes none."""
-        return TransformersEngine(unwrap(self.model), pad_token_id, sharding=self.sharding)
+        for a prepared model), sharded as it is, reading the prompts' images through the processor of a
+        vision-language model; None for a teacher that writes none."""
+        return TransformersEngine(unwrap(self.model), pad_token_id, sharding=self.sharding, processor=processor)
 
     def running(self):
         """What must hold while the teacher runs (a forward, a generation, the loss probe)."""

@@ -172,7 +172,7 @@ class ServedTeacher(Teacher):
         for tag in dict.fromkeys(tags):
             self.server_of(tag)
 
-    def sampling_engine(self, pad_token_id: int, unwrap):
+    def sampling_engine(self, pad_token_id: int, unwrap, processor=None):
         """seq_kd: the one server writes the teacher's completions (with several, gkd-train refuses seq_kd:
         a generation does not carry its rows' tags)."""
         return ServedTeacherEngine(self.servers[0]) if len(self.servers) == 1 else None
