@@ -127,6 +127,14 @@ def with_image_parts(messages: list[dict]) -> list[dict]:
     return converted
 
 
+def image_token_ids(processor) -> tuple[int, ...]:
+    """The ids standing for a picture's features (what a sampler must never draw), () without a processor."""
+    if processor is None:
+        return ()
+    tokens = [getattr(processor, name, None) for name in ("image_token", "video_token")]
+    return tuple(processor.tokenizer.convert_tokens_to_ids(str(token)) for token in tokens if token is not None)
+
+
 def pixel_inputs(processor, images_per_row: list[list[str]]) -> dict:
     """The model's image inputs for a batch (pixel_values and what the family adds with them), from each
     row's references; rows without images get none."""

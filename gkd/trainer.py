@@ -23,7 +23,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from gkd.completion_log import CompletionLog, per_row_sums
 from gkd.data import IGNORE_INDEX, build_batch, collate_examples
 from gkd.errors import GKDUserError
-from gkd.images import pixel_inputs
+from gkd.images import image_token_ids, pixel_inputs
 from gkd.losses import LossBatch, LossSettings, choose_loss_impl, make_loss
 from gkd.losses.common import recording_divergences
 from gkd.models import pad_token_id
@@ -154,6 +154,7 @@ class GKDTrainer(Trainer):
             top_p=self.gkd.top_p,
             stop_token_ids=self.stop_token_ids,
             vocab_size=self.vocab_size,
+            suppressed_token_ids=image_token_ids(self.processor),
         )
 
     def _global_sample_indices(self, micro_batch_index: int, rank: int, rows: int) -> list[int]:

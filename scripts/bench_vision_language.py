@@ -1,7 +1,7 @@
 """Vision-language distillation on the tiny Idefics3 pair: step time per sample source, and the student's caption
 accuracy (exact greedy captions of the val pictures) before and after gkd-train.
 
-    python scripts/bench_vision_language.py [--models_dir DIR] [--steps 60] [--learning_rate 5e-4]
+    python scripts/bench_vision_language.py [--models_dir DIR] [--steps 60] [--learning_rate 5e-4] [--train_vision]
 
 Builds the tiny models first when DIR has none (scripts/make_tiny_vl_models.py, default flags). Each source
 is one gkd-train run from the same student: the dataset's captions (--lmbda 0), the student's own samples
@@ -38,6 +38,8 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--learning_rate", default="5e-4")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--train_vision", action="store_true",
+                        help="--freeze_vit false --freeze_aligner false (ms-swift's defaults freeze both)")
     args = parser.parse_args()
     if not (args.models_dir / "teacher").is_dir():
         subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_vl_models.py"), "--output_dir",
@@ -56,13 +58,14 @@ def main():
                 "--learning_rate", args.learning_rate, "--lr_scheduler_type", "constant", "--warmup_ratio", "0",
                 "--max_completion_length", "40", "--temperature", "1.0", "--torch_dtype", "float32",
                 "--logging_steps", "5", "--save_strategy", "no", "--report_to", "none", "--split_dataset_ratio", "0",
+                *(["--freeze_vit", "false", "--freeze_aligner", "false"] if args.train_vision else []),
                 *flags], check=True, capture_output=True)
             logs = [json.loads(line) for line in (output_dir / "logging.jsonl").read_text().splitlines()]
             step_seconds = [line["step_seconds"] for line in logs if "step_seconds" in line][1:]
             table.append((f"student after, {source}", f"{statistics.median(step_seconds):.2f}",
                           accuracy(output_dir, val)))
     print(f"\n{len(val)} val pictures, {args.steps} steps of {args.batch_size} rows, lr {args.learning_rate}, "
-          "CPU, one run each")
+          f"vision tower and aligner {'trained' if args.train_vision else 'frozen'}, CPU, one run each")
     print("| model | median step (s) | exact captions |\n|---|---|---|")
     for name, seconds, score in table:
         print(f"| {name} | {seconds or '-'} | {score:.1%} |")

@@ -4,6 +4,7 @@ loss and in generation, and the one-line refusals of what gkd does not feed imag
 
 import base64
 import json
+import shutil
 import subprocess
 import sys
 
@@ -160,6 +161,20 @@ def test_generation_reads_the_picture(tmp_path, tiny_vl, processor):
     assert trainer.student_engine.generate(prompts, greedy, images=images[1:] + images[:1]) != generated
 
 
+def test_samplers_never_draw_the_image_placeholder(tmp_path, tiny_vl, processor):
+    """A drawn <image> would stand for a picture that is not there (the next forward fails on the count):
+    hot sampling of the barely trained student, seeded, draws everything else but never it."""
+    loaded = examples(tmp_path, processor, rows(tiny_vl, 16))
+    trainer = make_trainer(tmp_path, processor, load(tiny_vl, "student"), load(tiny_vl, "teacher"), loaded,
+                           temperature=4.0, max_completion_length=40)
+    settings = trainer._sampling_settings()
+    assert settings.suppressed_token_ids == (processor.tokenizer.convert_tokens_to_ids("<image>"),)
+    completions = trainer.student_engine.generate([e["prompt_ids"] for e in loaded], settings, list(range(16)),
+                                                  images=[e["images"] for e in loaded])
+    drawn = {token for completion in completions for token in completion}
+    assert len(drawn) > 150 and not drawn & set(settings.suppressed_token_ids)
+
+
 def test_freezing_follows_ms_swifts_parts(tiny_vl):
     model = load(tiny_vl, "student")
     freeze_parts(model, "student", freeze_llm=False, freeze_vit=True, freeze_aligner=True)  # ms-swift's defaults
@@ -207,11 +222,17 @@ def test_what_gkd_cannot_feed_images_to_is_refused_in_one_line(tmp_path, tiny_vl
     refuses the flag first.)"""
     image_rows = str(tiny_vl / "data" / "train.jsonl")
     text_models = ["--model", str(tiny / "student"), "--teacher_model", str(tiny / "teacher")]
+    other_encoding = tmp_path / "teacher-16-image-tokens"  # the teacher, its processor giving 16 tokens a picture
+    shutil.copytree(tiny_vl / "teacher", other_encoding)
+    settings = json.loads((other_encoding / "processor_config.json").read_text())
+    (other_encoding / "processor_config.json").write_text(json.dumps({**settings, "image_seq_len": 16}))
     cases = {
         "text student": ([*text_models, "--dataset", image_rows],
                          f"{image_rows}:1: the row has images, and --model {tiny / 'student'} reads text alone"),
         "text teacher": (["--teacher_model", str(tiny / "teacher")],
                          f"--teacher_model {tiny / 'teacher'}: it reads text alone, and the rows have images"),
+        "other encoding": (["--teacher_model", str(other_encoding)],
+                           f"--teacher_model {other_encoding}: its processor encodes pictures unlike the student's"),
         "padding-free": (["--padding_free", "true"], "--padding_free / --packing: rows with images are not packed"),
         "lora": (["--tuner_type", "lora"], "--tuner_type lora: adapters on a vision-language model"),
     }

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from gkd.config import VLLMEngineArguments
 from gkd.config.tools import InferArguments, parse_infer_config
 from gkd.data import DatasetSpec, read_rows, row_to_messages, split_prompt_completion
-from gkd.images import IMAGE_COLUMNS, check_images, has_images, image_refs, place_image_tags
+from gkd.images import IMAGE_COLUMNS, check_images, has_images, image_refs, image_token_ids, place_image_tags
 from gkd.tokenize import check_chat_template, tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
@@ -168,7 +168,8 @@ def infer(args: InferArguments, engine_args: VLLMEngineArguments) -> None:
     samples = [sample for sample in samples if sample.key not in done]
 
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, stop_token_ids=stop_ids, vocab_size=len(tokenizer))
+                                top_p=args.top_p, stop_token_ids=stop_ids, vocab_size=len(tokenizer),
+                                suppressed_token_ids=image_token_ids(processor if images else None))
     started, written, generated_tokens = time.perf_counter(), 0, 0
     progress = tqdm(total=len(samples), unit="row", disable=not state.is_main_process, desc="gkd-infer")
     try:

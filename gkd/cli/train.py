@@ -114,13 +114,27 @@ def _say_what_is_ignored(config: GKDConfig) -> None:
             logger.info("%s %s: gkd reads the architecture and chat template from the checkpoint itself", flag, value)
 
 
-def check_image_run(config: GKDConfig, teacher_dir: str | None) -> None:
-    """Rows with images: what reads them must be a vision-language model, and what gkd cannot yet feed images
-    to is refused in one line (never a run whose images some part silently ignores)."""
+def encoding_of(processor) -> dict:
+    """What decides a processor's image tokens: its class, its image processor's settings and its own
+    (image_seq_len and the like), without the chat template."""
+    settings = processor.to_dict()
+    return {"class": type(processor).__name__, **{name: value for name, value in settings.items()
+                                                   if name not in ("chat_template", "processor_class")}}
+
+
+def check_image_run(config: GKDConfig, processor, teacher_dir: str | None) -> None:
+    """Rows with images: what reads them must be a vision-language model encoding pictures as the student's
+    processor does (the teacher reads the student's image tokens, as in ms-swift), and what gkd cannot yet
+    feed images to is refused in one line (never a run whose images some part silently ignores)."""
     model_args, data_args, gkd_args = config.model, config.data, config.gkd
-    if teacher_dir and load_processor(teacher_dir, model_args.trust_remote_code, "--teacher_model") is None:
+    teacher_processor = teacher_dir and load_processor(teacher_dir, model_args.trust_remote_code, "--teacher_model")
+    if teacher_dir and teacher_processor is None:
         raise GKDUserError(f"--teacher_model {model_args.teacher_model}: it reads text alone, and the rows have "
                            "images; the teacher must see the pictures it describes")
+    if teacher_processor is not None and encoding_of(teacher_processor) != encoding_of(processor):
+        raise GKDUserError(f"--teacher_model {model_args.teacher_model}: its processor encodes pictures unlike the "
+                           f"student's ({model_args.model}); gkd gives both models the student's image tokens, so "
+                           "both must use the same processor")
     unsupported = [
         (gkd_args.teacher_model_server, "--teacher_model_server: a served teacher is sent token ids alone, so the "
                                         "rows' images cannot reach it"),
@@ -189,7 +203,7 @@ def train(config: GKDConfig) -> None:
         teacher.check_rows(example["teacher_tag"] for example in train_examples + (eval_examples or []))
     images = any(example["images"] for example in train_examples + (eval_examples or []))
     if images:
-        check_image_run(config, teacher_dir)
+        check_image_run(config, processor, teacher_dir)
     logger.info("%d training rows, %d evaluation rows", len(train_examples), len(eval_examples or []))
     if data_args.packing:  # ms-swift's --packing: a training sample is a bin of rows
         train_examples = pack_examples(train_examples, data_args.packing_length or data_args.max_length)

@@ -31,6 +31,9 @@ class SamplingSettings:
     # tokenizer (Qwen2.5-7B: 152064 rows around 151665 tokens); a padding id means nothing and is past
     # the end of a smaller model's embedding. None: every row of the model's output layer.
     vocab_size: int | None = None
+    # Ids never sampled although in the tokenizer: a vision-language model's image placeholder (one drawn
+    # into a completion would stand for a picture that is not there, and the next forward would fail).
+    suppressed_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.top_k is not None and self.top_k <= 0:  # -1 and 0 mean off, as in ms-swift and vLLM

@@ -24,13 +24,17 @@ from gkd.tokenize import cut_at_stop
 
 
 class KeepVocabulary(LogitsProcessor):
-    """Ids at and past vocab_size (the output layer's padding rows) can never be chosen."""
+    """Ids at and past vocab_size (the output layer's padding rows), and the suppressed ids, can never be
+    chosen."""
 
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
+    def __init__(self, vocab_size: int | None, suppressed_token_ids=()):
+        self.vocab_size, self.suppressed_token_ids = vocab_size, list(suppressed_token_ids)
 
     def __call__(self, input_ids, scores):
-        return scores.index_fill_(1, torch.arange(self.vocab_size, scores.shape[1], device=scores.device), -torch.inf)
+        banned = torch.tensor(self.suppressed_token_ids, dtype=torch.long, device=scores.device)
+        if self.vocab_size is not None:
+            banned = torch.cat([banned, torch.arange(self.vocab_size, scores.shape[1], device=scores.device)])
+        return scores.index_fill_(1, banned, -torch.inf)
 
 
 class RowGumbelNoise(LogitsProcessor):
@@ -87,8 +91,8 @@ class TransformersEngine(SamplingEngine):
 
     def _processors(self, settings: SamplingSettings, seeds, device) -> LogitsProcessorList:
         processors = LogitsProcessorList()
-        if settings.vocab_size is not None:
-            processors.append(KeepVocabulary(settings.vocab_size))
+        if settings.vocab_size is not None or settings.suppressed_token_ids:
+            processors.append(KeepVocabulary(settings.vocab_size, settings.suppressed_token_ids))
         if settings.temperature > 0:
             if settings.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(settings.temperature))
