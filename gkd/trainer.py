@@ -246,17 +246,21 @@ class GKDTrainer(Trainer):
         teacher_prompts: per row its teacher prompt (OPSD) or None; if any row has one, teacher_* tensors hold
         what the teacher reads: every row's teacher prompt (or its prompt) before the same completion.
         teacher_tags: per row, what routes it to one of several served teachers (kept as a list). images: per
-        row, its image references; pixel_inputs then holds what both models' image tokens read."""
+        row, its image references; pixel_inputs then holds what both models' image tokens read (packed: the
+        rows' pictures in order, as one row's, as their image tokens follow each other in the sequence)."""
         tensors = build_batch(prompts, completions, self.pad_token_id, vocab_size, prompt_label_spans)
-        if images and any(images):
-            tensors["pixel_inputs"] = pixel_inputs(self.processor, images)
         tensors = pack_batch(tensors) if self.padding_free else tensors
+        images = images if images and any(images) else None
+        if images:
+            tensors["pixel_inputs"] = pixel_inputs(self.processor, [sum(images, [])] if self.padding_free else images)
         if teacher_tags and any(tag is not None for tag in teacher_tags):
             tensors["teacher_tags"] = list(teacher_tags)
         if teacher_prompts and any(prompt is not None for prompt in teacher_prompts):
             view = build_batch([own if teacher is None else teacher for own, teacher in zip(prompts, teacher_prompts)],
                                completions, self.pad_token_id, vocab_size)
             tensors.update({f"teacher_{name}": tensor for name, tensor in view.items()})
+            if images and self.padding_free:  # the teacher's view is padded: its pictures row by row
+                tensors["teacher_pixel_inputs"] = pixel_inputs(self.processor, images)
         return tensors
 
     def _batch_tensors(self, batch: dict, sources: list[str]) -> dict:
@@ -301,7 +305,7 @@ class GKDTrainer(Trainer):
         teacher_view, pixels = None, inputs.get("pixel_inputs")
         if "teacher_input_ids" in inputs:  # OPSD: the teacher reads its own prompts (padded rows, never packed)
             teacher_view = LossBatch(inputs["teacher_input_ids"], inputs["teacher_attention_mask"],
-                                     inputs["teacher_labels"], pixel_inputs=pixels)
+                                     inputs["teacher_labels"], pixel_inputs=inputs.get("teacher_pixel_inputs", pixels))
         packed = "position_ids" in inputs  # padding-free: one sequence, the rows told apart by position_ids
         if packed and sft_rows is not None:
             sft_rows = sft_rows[inputs["row_ids"]]

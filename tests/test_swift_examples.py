@@ -429,22 +429,15 @@ def test_multimodal_full_sh_distils_the_vision_language_models_under_zero2(tmp_p
 
 def test_multimodal_fast_sh_pre_samples_captions_then_distils_on_them(tmp_path, hub):
     """The GKD document's two steps (fast.sh): gkd-infer captions coco_2014_caption's pictures with the teacher
-    (transformers instead of vLLM here), and gkd-train distils on that file (--lmbda 0). Its --padding_free true
-    stops in one line, as packed rows with images are not supported yet; without it (and without its
-    DeepSpeed, in one process) the step runs."""
+    (transformers instead of vLLM here), and gkd-train distils on that file (--lmbda 0) with padding-free
+    batches, in one process without its DeepSpeed (full.sh runs ZeRO-2 in two)."""
     env, program, argv = as_gkd("multimodal/rlhf/gkd/fast.sh (swift infer)", {"#5000": "#8"})
     result = run(program, [*argv, "--max_new_tokens", "24"], tmp_path, hub)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "new_coco_dataset.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(Path(row["images"][0]).is_file() and "image" not in row for row in rows)
     env, program, argv = as_gkd("multimodal/rlhf/gkd/fast.sh")
-    argv = without_open_capabilities(argv, {"--deepspeed": 1})
-    result = run(program, [*argv, "--max_steps", "2"], tmp_path, hub)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        "gkd-train: error: --padding_free / --packing: rows with images are not packed yet")
-    assert not (tmp_path / "output").exists()
-    result = run(program, [*without_open_capabilities(argv, {"--padding_free": 1}), "--max_steps", "2"], tmp_path,
-                 hub)
+    assert argv[argv.index("--padding_free") + 1] == "true"
+    result = run(program, [*without_open_capabilities(argv, {"--deepspeed": 1}), "--max_steps", "2"], tmp_path, hub)
     assert result.returncode == 0, result.stderr[-3000:]
     check_run_folder(tmp_path / "output", model_class=AutoModelForImageTextToText)

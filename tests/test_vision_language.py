@@ -142,6 +142,35 @@ def test_the_loss_reads_both_models_pictures_at_the_completion_tokens(tmp_path, 
     assert abs(float(other_jsd) - float(jsd)) > 1e-3  # (exactly equal if the pictures were dropped)
 
 
+@pytest.mark.parametrize("loss_impl, teacher_prompt", [("fused", False), ("chunked", False), ("fused", True)])
+def test_padding_free_rows_with_pictures_give_the_padded_loss_and_gradient(tmp_path, tiny_vl, processor, loss_impl,
+                                                                         teacher_prompt):
+    """--padding_free: the rows as one sequence, their pictures in order as one row's; with a teacher prompt
+    (OPSD) the teacher's padded view keeps its pictures row by row."""
+    data_rows = rows(tiny_vl)
+    data_rows[1] = {**data_rows[1], "images": data_rows[1]["images"] + data_rows[2]["images"]}  # two pictures
+    if teacher_prompt:
+        data_rows[0] = {**data_rows[0], "teacher_prompt": "<image>describe the picture, the answer is near."}
+    loaded = examples(tmp_path, processor, data_rows)
+    results = []
+    for padding_free in (False, True):
+        student = load(tiny_vl, "student")
+        trainer = make_trainer(tmp_path, processor, student, load(tiny_vl, "teacher"), loaded, loss_impl=loss_impl)
+        trainer.padding_free = padding_free  # (what --padding_free sets)
+        batch = trainer._tensors([e["prompt_ids"] for e in loaded], [e["completion_ids"] for e in loaded],
+                                 teacher_prompts=[e["teacher_prompt_ids"] for e in loaded],
+                                 images=[e["images"] for e in loaded])
+        batch["from_student"] = torch.ones(len(loaded), dtype=torch.bool)
+        jsd, _ = trainer._loss_sums(trainer.model, batch, sft=False)
+        jsd.backward()
+        results.append((jsd.detach(), {name: p.grad for name, p in student.named_parameters() if p.grad is not None}))
+    (padded, padded_grads), (packed, packed_grads) = results
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys() and padded_grads
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_generation_reads_the_picture(tmp_path, tiny_vl, processor):
     """The student's engine, greedy: what generate writes with the row's pixel inputs, and (for some row)
     something else with another picture."""
@@ -233,7 +262,6 @@ def test_what_gkd_cannot_feed_images_to_is_refused_in_one_line(tmp_path, tiny_vl
                          f"--teacher_model {tiny / 'teacher'}: it reads text alone, and the rows have images"),
         "other encoding": (["--teacher_model", str(other_encoding)],
                            f"--teacher_model {other_encoding}: its processor encodes pictures unlike the student's"),
-        "padding-free": (["--padding_free", "true"], "--padding_free / --packing: rows with images are not packed"),
         "lora": (["--tuner_type", "lora"], "--tuner_type lora: adapters on a vision-language model"),
     }
     base = [str(value) for value in flags(tiny_vl, tmp_path / "run")]

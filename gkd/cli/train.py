@@ -114,6 +114,11 @@ def _say_what_is_ignored(config: GKDConfig) -> None:
             logger.info("%s %s: gkd reads the architecture and chat template from the checkpoint itself", flag, value)
 
 
+# Processors of the families whose rows run packed as text rows do: position ids restarting at each row, the
+# pictures in sequence order (Qwen2-VL's 3-D rope positions are not built by gkd).
+PACKED_IMAGE_PROCESSORS = ("Idefics3Processor", "LlavaProcessor")
+
+
 def encoding_of(processor) -> dict:
     """What decides a processor's image tokens: its class, its image processor's settings and its own
     (image_seq_len and the like), without the chat template."""
@@ -139,8 +144,9 @@ def check_image_run(config: GKDConfig, processor, teacher_dir: str | None) -> No
         (gkd_args.teacher_model_server, "--teacher_model_server: a served teacher is sent token ids alone, so the "
                                         "rows' images cannot reach it"),
         (config.vllm.use_vllm, "--use_vllm true: rows with images are sampled by transformers generate only, so far"),
-        (data_args.padding_free or data_args.packing, "--padding_free / --packing: rows with images are not packed "
-                                                      "yet"),
+        ((data_args.padding_free or data_args.packing) and type(processor).__name__ not in PACKED_IMAGE_PROCESSORS,
+         f"--padding_free / --packing: gkd packs rows with images for {', '.join(PACKED_IMAGE_PROCESSORS)} (one "
+         f"position per token); {type(processor).__name__} is not among them yet"),
         (config.tuner.tuner_type == "lora", "--tuner_type lora: adapters on a vision-language model are not "
                                             "supported yet"),
     ]
