@@ -85,19 +85,25 @@ VISION_LANGUAGE_PARTS = {
 }
 
 
-def freeze_parts(model, name: str, freeze_llm: bool, freeze_vit: bool, freeze_aligner: bool) -> None:
-    """ms-swift's full-training rule: the frozen parts' parameters train no more; an aligner inside the vision
-    tower (Qwen2-VL's merger) trains when --freeze_aligner false, even with the tower frozen."""
+def frozen_parts(model, name: str, freeze_llm: bool, freeze_vit: bool, freeze_aligner: bool):
+    """ms-swift's rule as a predicate on parameter and module names: True inside a frozen part, except an
+    aligner inside the vision tower (Qwen2-VL's merger), which trains when --freeze_aligner false even with the
+    tower frozen."""
     parts = VISION_LANGUAGE_PARTS.get(model.config.model_type)
     if parts is None:
         raise GKDUserError(f"--model {name}: gkd does not know where the vision tower and aligner of a "
                            f"{model.config.model_type} model are (it knows {', '.join(VISION_LANGUAGE_PARTS)})")
-    frozen = [*(parts["llm"] if freeze_llm else ()), *(parts["vit"] if freeze_vit else ()),
-              *(parts["aligner"] if freeze_aligner else ())]
-    trained = () if freeze_aligner else parts["aligner"]
+    frozen = tuple(prefix + "." for prefix in [*(parts["llm"] if freeze_llm else ()),
+                                               *(parts["vit"] if freeze_vit else ()),
+                                               *(parts["aligner"] if freeze_aligner else ())])
+    trained = tuple(prefix + "." for prefix in (() if freeze_aligner else parts["aligner"]))
+    return lambda qualified_name: qualified_name.startswith(frozen) and not qualified_name.startswith(trained)
+
+
+def freeze_parts(model, is_frozen) -> None:
+    """Full training: the frozen parts' parameters train no more."""
     for parameter_name, parameter in model.named_parameters():
-        if parameter_name.startswith(tuple(prefix + "." for prefix in frozen)) and \
-                not parameter_name.startswith(tuple(prefix + "." for prefix in trained)):
+        if is_frozen(parameter_name):
             parameter.requires_grad_(False)
 
 
@@ -173,17 +179,24 @@ def check_vocabularies(tokenizer, teacher_tokenizer, student, teacher, student_n
     return shared
 
 
-def apply_lora(model, tuner):
+def apply_lora(model, tuner, is_frozen=None):
+    """is_frozen (vision-language models, frozen_parts): all-linear then means the linear layers outside the
+    frozen parts, as ms-swift adds no adapter to a frozen vision tower or aligner."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise GKDUserError("--tuner_type lora needs peft: pip install 'gkd[peft]'") from None
     target_modules = tuner.target_modules
+    targets = target_modules[0] if target_modules == ["all-linear"] else target_modules
+    if targets == "all-linear" and is_frozen is not None:
+        head = model.get_output_embeddings()  # peft's all-linear leaves the output layer alone too
+        targets = [module_name for module_name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head and not is_frozen(module_name + ".")]
     config = LoraConfig(
         r=tuner.lora_rank,
         lora_alpha=tuner.lora_alpha,
         lora_dropout=tuner.lora_dropout,
-        target_modules=target_modules[0] if target_modules == ["all-linear"] else target_modules,
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )
     try:

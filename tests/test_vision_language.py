@@ -18,7 +18,7 @@ from gkd.data import load_examples
 from gkd.errors import GKDUserError
 from gkd.images import image_refs, open_image, place_image_tags
 from gkd.losses import generalized_jsd_loss
-from gkd.models import freeze_parts
+from gkd.models import freeze_parts, frozen_parts
 from test_cli import gkd_train
 from test_trainer_loss import VOCAB, make_trainer
 
@@ -206,12 +206,12 @@ def test_samplers_never_draw_the_image_placeholder(tmp_path, tiny_vl, processor)
 
 def test_freezing_follows_ms_swifts_parts(tiny_vl):
     model = load(tiny_vl, "student")
-    freeze_parts(model, "student", freeze_llm=False, freeze_vit=True, freeze_aligner=True)  # ms-swift's defaults
+    freeze_parts(model, frozen_parts(model, "student", freeze_llm=False, freeze_vit=True, freeze_aligner=True))
     trained = {name.split(".")[1] if name.startswith("model.") else name.split(".")[0]
                for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert trained == {"text_model", "lm_head"}
     model = load(tiny_vl, "student")
-    freeze_parts(model, "student", freeze_llm=False, freeze_vit=True, freeze_aligner=False)
+    freeze_parts(model, frozen_parts(model, "student", freeze_llm=False, freeze_vit=True, freeze_aligner=False))
     assert all(parameter.requires_grad for name, parameter in model.named_parameters() if "connector" in name)
     assert not any(parameter.requires_grad for name, parameter in model.named_parameters() if "vision_model" in name)
 
@@ -246,6 +246,22 @@ def test_each_source_trains_reloads_and_captions_a_picture(tmp_path, tiny_vl, pr
     assert model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
 
 
+def test_lora_adapters_go_where_ms_swift_puts_them(tmp_path, tiny_vl):
+    """--tuner_type lora with the default all-linear: adapters on the language model's linear layers only (the
+    vision tower and aligner are frozen by default); the merged student saves with its processor."""
+    result = gkd_train(*flags(tiny_vl, tmp_path / "run", "--tuner_type", "lora", "--lmbda", 0.5,
+                              "--add_version", "false"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors", "pt") as adapter:
+        names = list(adapter.keys())
+    assert names and all(".text_model." in name for name in names)
+    assert any(".mlp." in name for name in names) and any(".self_attn." in name for name in names)
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "run")
+    AutoProcessor.from_pretrained(tmp_path / "run")
+
+
 def test_what_gkd_cannot_feed_images_to_is_refused_in_one_line(tmp_path, tiny_vl, tiny):
     """(--use_vllm true with images is refused the same way; here vLLM lives in its own environment, which
     refuses the flag first.)"""
@@ -262,7 +278,6 @@ def test_what_gkd_cannot_feed_images_to_is_refused_in_one_line(tmp_path, tiny_vl
                          f"--teacher_model {tiny / 'teacher'}: it reads text alone, and the rows have images"),
         "other encoding": (["--teacher_model", str(other_encoding)],
                            f"--teacher_model {other_encoding}: its processor encodes pictures unlike the student's"),
-        "lora": (["--tuner_type", "lora"], "--tuner_type lora: adapters on a vision-language model"),
     }
     base = [str(value) for value in flags(tiny_vl, tmp_path / "run")]
     assert_refused_in_one_line("gkd.cli.train", "gkd-train", {

@@ -14,8 +14,8 @@ from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
 from gkd.launch import run_under_torchrun_if_asked
 from gkd.models import (
-    DTYPES, apply_lora, check_vocabularies, checkpoint_dtype, disable_dropout, freeze_parts, generation_config,
-    load_model, load_processor, load_tokenizer, stop_token_ids, tokenizer_fingerprint,
+    DTYPES, apply_lora, check_vocabularies, checkpoint_dtype, disable_dropout, freeze_parts, frozen_parts,
+    generation_config, load_model, load_processor, load_tokenizer, stop_token_ids, tokenizer_fingerprint,
 )
 from gkd.packing import pack_examples
 from gkd.run_folder import RunFolderCallback, latest_checkpoint, remove_unfinished_run, start_run_folder
@@ -147,8 +147,6 @@ def check_image_run(config: GKDConfig, processor, teacher_dir: str | None) -> No
         ((data_args.padding_free or data_args.packing) and type(processor).__name__ not in PACKED_IMAGE_PROCESSORS,
          f"--padding_free / --packing: gkd packs rows with images for {', '.join(PACKED_IMAGE_PROCESSORS)} (one "
          f"position per token); {type(processor).__name__} is not among them yet"),
-        (config.tuner.tuner_type == "lora", "--tuner_type lora: adapters on a vision-language model are not "
-                                            "supported yet"),
     ]
     for applies, message in unsupported:
         if applies:
@@ -224,9 +222,10 @@ def train(config: GKDConfig) -> None:
     set_mixed_precision(training, dtype)
     student = load_model(student_dir, student_weight_dtype(dtype, training), model_args.attn_impl,
                          model_args.trust_remote_code, "--model", images)
-    if images:
-        freeze_parts(student, model_args.model, config.tuner.freeze_llm, config.tuner.freeze_vit,
-                     config.tuner.freeze_aligner)
+    is_frozen = frozen_parts(student, model_args.model, config.tuner.freeze_llm, config.tuner.freeze_vit,
+                             config.tuner.freeze_aligner) if images else None
+    if is_frozen is not None and config.tuner.tuner_type != "lora":
+        freeze_parts(student, is_frozen)
     if teacher is None:  # --teacher_model, loaded in this process
         with loading_teacher(training, gkd_args.teacher_deepspeed):  # partitioned as it loads under ZeRO-3
             teacher = load_model(teacher_dir, dtype, model_args.attn_impl, model_args.trust_remote_code,
@@ -236,7 +235,7 @@ def train(config: GKDConfig) -> None:
     else:  # the student itself, or a served teacher: the student's output rows are compared
         compared_vocab_size = check_vocabularies(tokenizer, None, student, student, model_args.model, model_args.model)
     if config.tuner.tuner_type == "lora":
-        student = apply_lora(student, config.tuner)
+        student = apply_lora(student, config.tuner, is_frozen)
     disable_dropout(student)  # after LoRA: its adapters' dropout too, as TRL's GKDTrainer (ms-swift's) does
 
     training.output_dir, created = start_run_folder(training.output_dir, config.gkd.add_version)
@@ -268,7 +267,7 @@ def train(config: GKDConfig) -> None:
         with trainer.shardings["student"].whole_model():  # a sharded student's whole weights, to merge them
             if trainer.is_world_process_zero():
                 trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(training.output_dir)
-                tokenizer.save_pretrained(training.output_dir)
+                trainer.processing_class.save_pretrained(training.output_dir)  # the tokenizer, or the processor
     else:
         trainer.save_model(training.output_dir)
     if trainer.is_world_process_zero():
