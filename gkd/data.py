@@ -335,11 +335,15 @@ def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=N
                 raise GKDUserError(f"{where}: the row has images, and {text_only_reason}; gkd never trains on a "
                                    "caption without its picture")
             messages, images = row_to_messages(row, where, system), image_refs(row, where)
-            if images:
+            if processor is not None:  # (a text model reads <image> as any other text)
                 check_images(images, where)
                 messages = place_image_tags(messages, len(images), where)
+                if images and loss_scale == "default":
+                    raise GKDUserError(f"{where}: --loss_scale default with images (earlier assistant turns located "
+                                       "in a prompt the processor expands) is not supported; use --loss_scale "
+                                       "last_round")
             prompt_messages, completion = split_prompt_completion(messages)
-            if completion is not None and IMAGE_TAG in completion:
+            if processor is not None and completion is not None and IMAGE_TAG in completion:
                 raise GKDUserError(f"{where}: the completion holds an {IMAGE_TAG} tag; gkd supervises text, so "
                                    "images belong to the prompt")
             if completion is None and need_completions:

@@ -29,17 +29,19 @@ URL_TIMEOUT = float(os.environ.get("SWIFT_TIMEOUT", 20))  # ms-swift's variable 
 _DATA_URL = re.compile(r"data:(.*?);base64,(.+)", re.DOTALL)
 
 
-def has_images(row: dict) -> bool:
-    return any(row.get(column) for column in IMAGE_COLUMNS)
+def has_images(row) -> bool:
+    return isinstance(row, dict) and any(row.get(column) for column in IMAGE_COLUMNS)
+
+
+def image_entries(row: dict) -> list:
+    """The row's image entries as written (one entry or a list), [] for a text row."""
+    value = next((row[column] for column in IMAGE_COLUMNS if row.get(column)), None)
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def image_refs(row: dict, where: str) -> list[str]:
     """The row's images as reference strings (see the module docstring), [] for a text row."""
-    value = next((row[column] for column in IMAGE_COLUMNS if row.get(column)), None)
-    if value is None:
-        return []
-    entries = value if isinstance(value, list) else [value]
-    return [_reference(entry, f"{where}: image {index + 1}") for index, entry in enumerate(entries)]
+    return [_reference(entry, f"{where}: image {index + 1}") for index, entry in enumerate(image_entries(row))]
 
 
 def _reference(entry, where: str) -> str:
@@ -110,13 +112,11 @@ def place_image_tags(messages: list[dict], count: int, where: str) -> list[dict]
 
 
 def with_image_parts(messages: list[dict]) -> list[dict]:
-    """Content with <image> tags as the chat templates of vision-language processors want it: a list of
-    {"type": "image"} and {"type": "text"} parts, each template then writing its own image placeholder."""
+    """Every turn's content as the chat templates of vision-language processors want it (some render parts
+    alone): a list of {"type": "image"} (one per <image> tag, each template writing its own placeholder) and
+    {"type": "text"} parts."""
     converted = []
     for message in messages:
-        if IMAGE_TAG not in message["content"]:
-            converted.append(message)
-            continue
         parts = []
         for index, text in enumerate(message["content"].split(IMAGE_TAG)):
             if index:
@@ -125,6 +125,14 @@ def with_image_parts(messages: list[dict]) -> list[dict]:
                 parts.append({"type": "text", "text": text})
         converted.append({**message, "content": parts})
     return converted
+
+
+def encoding_of(processor) -> dict:
+    """What decides a processor's image tokens: its class, its image processor's settings and its own
+    (image_seq_len and the like), without the chat template."""
+    settings = processor.to_dict()
+    return {"class": type(processor).__name__, **{name: value for name, value in settings.items()
+                                                   if name not in ("chat_template", "processor_class")}}
 
 
 def image_token_ids(processor) -> tuple[int, ...]:

@@ -55,7 +55,8 @@ def load_model(name: str, dtype, attn_impl: str | None, trust_remote_code: bool,
 def load_processor(name: str, trust_remote_code: bool, flag: str = "--model"):
     """The processor of a vision-language checkpoint (its chat template and image processor), or None for
     a checkpoint that reads text alone: a model type transformers loads as image-text-to-text, shipped with
-    an image processor."""
+    an image processor. One that cannot load is a warning, not a stop: text rows do not need it (rows with
+    images are then refused, naming the model)."""
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception:  # load_model reports an unloadable checkpoint in its own words
@@ -65,7 +66,8 @@ def load_processor(name: str, trust_remote_code: bool, flag: str = "--model"):
     try:
         processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as error:
-        raise GKDUserError(f"{flag} {name}: cannot load its processor ({first_line(error)})") from None
+        logger.warning("%s %s: its processor cannot load (%s); it reads text rows only", flag, name, first_line(error))
+        return None
     return processor if getattr(processor, "image_processor", None) is not None else None
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from gkd.errors import GKDUserError, first_line
-from gkd.images import open_image, with_image_parts
+from gkd.images import encoding_of, open_image, with_image_parts
 
 LOSS_SCALES = ("last_round", "default")  # ms-swift's base strategies that mean something for GKD
 CACHE_FORMAT_VERSION = 3  # bump whenever what a cached example holds, or how it is computed, changes
@@ -58,9 +58,11 @@ def tokenize_messages(tokenizer, prompt_messages, completion, stop_ids, *, enabl
     """Prompt ids (chat template + generation prompt) and completion ids (cut after the first stop). With
     images (references, gkd.images), the processor writes the prompt: its template places each image, and
     it expands each into as many image tokens as the vision tower gives that picture."""
+    templater = tokenizer
     if images:
         prompt_messages = with_image_parts(prompt_messages)
-    prompt_text = render(tokenizer, prompt_messages, True, enable_thinking)
+        templater = processor if getattr(processor, "chat_template", None) else tokenizer
+    prompt_text = render(templater, prompt_messages, True, enable_thinking)
     if images:
         pictures = [open_image(reference) for reference in images]
         prompt_ids = list(processor(text=[prompt_text], images=[pictures], add_special_tokens=False)["input_ids"][0])
@@ -68,8 +70,8 @@ def tokenize_messages(tokenizer, prompt_messages, completion, stop_ids, *, enabl
         prompt_ids = encode(tokenizer, prompt_text)
     if completion is None:
         return prompt_ids, None
-    full_text = render(tokenizer, prompt_messages + [{"role": "assistant", "content": completion}], False,
-                       enable_thinking)
+    turn = {"role": "assistant", "content": [{"type": "text", "text": completion}] if images else completion}
+    full_text = render(templater, prompt_messages + [turn], False, enable_thinking)
     # The template's own rendering of the assistant turn carries its end-of-turn token; templates that
     # rewrite earlier turns (e.g. drop reasoning) break the prefix, and then the plain content is used.
     completion_text = full_text[len(prompt_text) :] if full_text.startswith(prompt_text) else completion
@@ -176,12 +178,16 @@ def _tokenize_record(record: dict, tokenizer, processor, settings: dict) -> dict
             spans = assistant_spans(tokenizer, messages, prompt_ids, settings["stop_ids"], where,
                                     enable_thinking=enable_thinking)
         kept = truncate(prompt_ids, completion_ids, max_length, strategy, where)
+        if images and kept is not None and len(kept[0]) < len(prompt_ids):
+            kept = None  # cutting a prompt with images could cut a picture's tokens: the row is dropped
         teacher_prompt_ids = None
         if record["teacher_messages"] is not None:  # OPSD: the teacher's prompt, bounded as a prompt alone
             teacher_prompt_ids, _ = tokenize_messages(tokenizer, json.loads(record["teacher_messages"]), None,
                                                       settings["stop_ids"], enable_thinking=enable_thinking,
                                                       images=images, processor=processor)
             teacher_kept = truncate(teacher_prompt_ids, None, max_length, strategy, f"{where} (teacher_prompt)")
+            if images and teacher_kept is not None and len(teacher_kept[0]) < len(teacher_prompt_ids):
+                teacher_kept = None
             kept = kept if teacher_kept is not None else None
             teacher_prompt_ids = teacher_kept and teacher_kept[0]
     except GKDUserError as error:
@@ -250,8 +256,8 @@ def tokenize_records(records, tokenizer, *, stop_ids, max_length=None, truncatio
                 None if teacher is None else json.dumps(teacher, ensure_ascii=False),
                 None if images is None else json.dumps(images))
                for where, messages, completion, teacher, images in records]
-    image_processor = processor.image_processor.to_json_string() if processor is not None else None
-    key = cache_key(records, tokenizer, {**settings, "image_processor": image_processor}, system)
+    encoding = json.dumps(encoding_of(processor), sort_keys=True, default=str) if processor is not None else None
+    key = cache_key(records, tokenizer, {**settings, "image_encoding": encoding}, system)
     cache_file_name = None
     if load_from_cache_file:
         cache_folder().mkdir(parents=True, exist_ok=True)

@@ -86,8 +86,10 @@ class GKDTrainer(Trainer):
         args.dataloader_pin_memory = False  # batches are token lists until the step builds tensors
         if args.ddp_find_unused_parameters is None:
             # A dense student uses every parameter in every step, so DDP can skip the search for unused ones;
-            # a mixture of experts may leave an expert unused in a step, and DDP must then look.
-            args.ddp_find_unused_parameters = has_experts(model)
+            # a mixture of experts may leave an expert unused in a step, and so may a vision-language model (a
+            # micro-batch without pictures leaves its vision tower out): DDP must then look.
+            args.ddp_find_unused_parameters = has_experts(model) or \
+                hasattr(kwargs.get("processing_class"), "image_processor")
         super().__init__(model=model, args=args, data_collator=collate_bins if packing else collate_examples, **kwargs)
         self.gkd = gkd_args
         self.stop_token_ids = tuple(stop_token_ids)

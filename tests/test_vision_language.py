@@ -107,6 +107,41 @@ def test_bad_image_rows_are_one_line_naming_the_row(tmp_path, tiny_vl, processor
         examples(tmp_path, processor, [row])
 
 
+def test_a_template_that_renders_parts_alone_keeps_every_turn(tmp_path, tiny_vl, processor):
+    """Some processors' templates render a turn's list of parts and nothing for a plain string: with images
+    every turn goes as parts, so the system prompt and the caption survive."""
+    parts_only = ("{% for message in messages %}{{ message['role'] }}:{% for part in message['content'] %}"
+                  "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    strict = AutoProcessor.from_pretrained(tiny_vl / "student", chat_template=parts_only)
+    row = {**rows(tiny_vl, 1)[0]}
+    row["messages"] = [{"role": "system", "content": "be brief"}, *row["messages"]]
+    (example,) = examples(tmp_path, strict, [row])
+    text = strict.tokenizer.decode(example["prompt_ids"])
+    assert text.startswith("system:be brief<|im_end|>") and text.endswith("please describe the image.<|im_end|>\nassistant:")
+    assert strict.tokenizer.decode(example["completion_ids"]) == row["messages"][-1]["content"] + "<|im_end|>"
+
+
+def test_truncating_an_image_prompt_drops_the_row(tmp_path, tiny_vl, processor):
+    """--truncation_strategy left would cut the prompt's start, where the picture's tokens are: the row goes."""
+    data_rows = rows(tiny_vl, 2)
+    data_rows[1] = {**data_rows[1], "messages": [{"role": "user", "content": "<image>" + "long question " * 20},
+                                                 data_rows[1]["messages"][1]]}
+    loaded = examples(tmp_path, processor, data_rows, max_length=100, truncation_strategy="left")
+    assert [example["images"] for example in loaded] == [data_rows[0]["images"]]
+
+
+def test_text_rows_keep_their_literal_image_text_without_a_processor(tmp_path, tokenizer):
+    """A text model reads '<image>' as text: a completion may hold it, and non-object rows stay one line."""
+    path = write_jsonl(tmp_path / "html.jsonl", [
+        {"messages": [{"role": "user", "content": "tag?"}, {"role": "assistant", "content": "<image> is a tag"}]}])
+    (example,) = load_examples([str(path)], tokenizer, (tokenizer.eos_token_id,), seed=0)
+    assert tokenizer.decode(example["completion_ids"]).startswith("<image> is a tag")
+    write_jsonl(tmp_path / "list.jsonl", [[1, 2]])
+    with pytest.raises(GKDUserError, match=r"list\.jsonl:1: expected an object"):
+        load_examples([str(tmp_path / "list.jsonl")], tokenizer, (tokenizer.eos_token_id,), seed=0)
+
+
 # ----------------------------------------------------------------------------- the step
 
 

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from gkd.config import VLLMEngineArguments
 from gkd.config.tools import InferArguments, parse_infer_config
 from gkd.data import DatasetSpec, read_rows, row_to_messages, split_prompt_completion
-from gkd.images import IMAGE_COLUMNS, check_images, has_images, image_refs, image_token_ids, place_image_tags
+from gkd.images import (IMAGE_COLUMNS, check_images, has_images, image_entries, image_refs, image_token_ids,
+                        place_image_tags)
 from gkd.tokenize import check_chat_template, tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
@@ -51,6 +52,10 @@ def sample_key(spec_index: int, spec: str, row: dict, occurrence: int, answer: i
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _holds_bytes(entry) -> bool:
+    return isinstance(entry, dict) and bool(entry.get("bytes"))
+
+
 def list_samples(args: InferArguments, processor=None) -> list[Sample]:
     """Every (input row, response number) of the input, in order. processor: a vision-language model's, for
     rows with images (refused without one)."""
@@ -68,9 +73,11 @@ def list_samples(args: InferArguments, processor=None) -> list[Sample]:
                 check_images(images, where)
                 messages = place_image_tags(messages, len(images), where)
             prompt_messages, label = split_prompt_completion(messages)
-            # (a decoded picture's text would name its address in memory: the row is named by its references)
-            named = {**{name: value for name, value in row.items() if name not in IMAGE_COLUMNS}, "images": images} \
-                if images else row
+            # The row is named by its entries as written (a path as given, wherever it resolves), decoded pictures
+            # and bytes by their data (their text would name an address in memory).
+            named = {**{name: value for name, value in row.items() if name not in IMAGE_COLUMNS},
+                     "images": [entry if isinstance(entry, (str, dict)) and not _holds_bytes(entry) else reference
+                                for entry, reference in zip(image_entries(row), images)]} if images else row
             content = json.dumps(named, sort_keys=True, ensure_ascii=False, default=str)
             occurrence, seen[content] = seen[content], seen[content] + 1
             if not prompt_messages:

@@ -12,6 +12,7 @@ from gkd.config.training import default_torch_dtype, student_weight_dtype
 from gkd.data import load_examples, split_train_val
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
+from gkd.images import encoding_of
 from gkd.launch import run_under_torchrun_if_asked
 from gkd.models import (
     DTYPES, apply_lora, check_vocabularies, checkpoint_dtype, disable_dropout, freeze_parts, frozen_parts,
@@ -117,14 +118,6 @@ def _say_what_is_ignored(config: GKDConfig) -> None:
 # Processors of the families whose rows run packed as text rows do: position ids restarting at each row, the
 # pictures in sequence order (Qwen2-VL's 3-D rope positions are not built by gkd).
 PACKED_IMAGE_PROCESSORS = ("Idefics3Processor", "LlavaProcessor")
-
-
-def encoding_of(processor) -> dict:
-    """What decides a processor's image tokens: its class, its image processor's settings and its own
-    (image_seq_len and the like), without the chat template."""
-    settings = processor.to_dict()
-    return {"class": type(processor).__name__, **{name: value for name, value in settings.items()
-                                                   if name not in ("chat_template", "processor_class")}}
 
 
 def check_image_run(config: GKDConfig, processor, teacher_dir: str | None) -> None:
