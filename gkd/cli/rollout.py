@@ -69,7 +69,7 @@ class Rollout:
         return hmac.compare_digest(presented.encode(), self.token.encode())
 
     def generate(self, payload: dict) -> dict:
-        settings = SamplingSettings(**{**payload["settings"], "stop_token_ids": tuple(payload["settings"]["stop_token_ids"])})
+        settings = SamplingSettings(**payload["settings"])
         prompts, seeds = payload["prompts"], payload["seeds"]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")

@@ -36,6 +36,8 @@ class SamplingSettings:
     suppressed_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        for name in ("stop_token_ids", "suppressed_token_ids"):  # (lists when they come back from JSON)
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.top_k is not None and self.top_k <= 0:  # -1 and 0 mean off, as in ms-swift and vLLM
             object.__setattr__(self, "top_k", None)
 
