@@ -276,6 +276,20 @@ def row_to_messages(row, where: str, system: str | None = None) -> list[dict]:
     return messages
 
 
+def row_with_images(row, where: str, system: str | None, processor, text_only_reason: str):
+    """A row's messages and image references (gkd.images). With a vision-language processor every picture
+    opens and the messages hold exactly one <image> tag per picture; without one, a row with images is
+    refused (text_only_reason says which model reads no images) and '<image>' is text like any other."""
+    if processor is None and has_images(row):
+        raise GKDUserError(f"{where}: the row has images, and {text_only_reason}; gkd never trains on a caption "
+                           "without its picture")
+    messages, images = row_to_messages(row, where, system), image_refs(row, where)
+    if processor is not None:
+        check_images(images, where)
+        messages = place_image_tags(messages, len(images), where)
+    return messages, images
+
+
 def teacher_messages(row: dict, prompt_messages: list[dict], where: str) -> list[dict] | None:
     """OPSD's privileged view (ms-swift's `teacher_prompt` column): the prompt with its last user turn's content
     replaced by the row's teacher_prompt, for the teacher alone; None for a row without one."""
@@ -331,13 +345,8 @@ def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=N
         spec = DatasetSpec.parse(text)
         records, tags = [], []
         for where, row in read_rows(spec, seed):
-            if processor is None and has_images(row):
-                raise GKDUserError(f"{where}: the row has images, and {text_only_reason}; gkd never trains on a "
-                                   "caption without its picture")
-            messages, images = row_to_messages(row, where, system), image_refs(row, where)
-            if processor is not None:  # (a text model reads <image> as any other text)
-                check_images(images, where)
-                messages = place_image_tags(messages, len(images), where)
+            messages, images = row_with_images(row, where, system, processor, text_only_reason)
+            if processor is not None:
                 if images and loss_scale == "default":
                     raise GKDUserError(f"{where}: --loss_scale default with images (earlier assistant turns located "
                                        "in a prompt the processor expands) is not supported; use --loss_scale "

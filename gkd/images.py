@@ -3,10 +3,9 @@ place them in the conversation, and the processor that turns them into a model's
 
 An image entry is a local path, an http(s) URL, a base64 string (with or without its `data:` prefix),
 ms-swift's {"bytes", "path"} dict (what its preprocessors and datasets' Image columns give), or a decoded
-PIL picture. A relative path
-is found as ms-swift finds it: from the working directory, else under $ROOT_IMAGE_DIR. Each entry becomes one
-reference string (a path, a URL or a data URL) that every step can open again; rows keep references, never
-decoded pictures.
+PIL picture. A relative path is found as ms-swift finds it: from the working directory, else under
+$ROOT_IMAGE_DIR. Each entry becomes one reference string (a path, a URL or a data URL) that every step can
+open again; rows keep references, never decoded pictures.
 
 Tags follow ms-swift's template (Template._add_default_tags): a row with fewer `<image>` tags than images gets
 the missing ones at the start of its first non-system message (coco_2014_caption's query has none). Where

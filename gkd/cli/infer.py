@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass
 
 from gkd.config import VLLMEngineArguments
 from gkd.config.tools import InferArguments, parse_infer_config
-from gkd.data import DatasetSpec, read_rows, row_to_messages, split_prompt_completion
-from gkd.images import (IMAGE_COLUMNS, check_images, has_images, image_entries, image_refs, image_token_ids,
-                        place_image_tags)
+from gkd.data import DatasetSpec, read_rows, row_with_images, split_prompt_completion
+from gkd.images import IMAGE_COLUMNS, image_entries, image_token_ids
 from gkd.tokenize import check_chat_template, tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
@@ -63,15 +62,11 @@ def list_samples(args: InferArguments, processor=None) -> list[Sample]:
     for spec_index, spec in enumerate(args.val_dataset):
         seen = Counter()
         for where, row in read_rows(DatasetSpec.parse(spec), args.seed):
-            if has_images(row) and processor is None:  # never a caption written without its picture
-                raise GKDUserError(f"{where}: the row has images, and --model {args.model} reads text alone")
-            messages, images = row_to_messages(row, where, args.system), image_refs(row, where)
-            if images:
-                if args.infer_backend == "vllm":
-                    raise GKDUserError(f"{where}: the row has images; --infer_backend vllm samples text rows only "
-                                       "in gkd so far (use --infer_backend transformers)")
-                check_images(images, where)
-                messages = place_image_tags(messages, len(images), where)
+            messages, images = row_with_images(row, where, args.system, processor,
+                                               f"--model {args.model} reads text alone")
+            if images and args.infer_backend == "vllm":
+                raise GKDUserError(f"{where}: the row has images; --infer_backend vllm samples text rows only in gkd "
+                                   "so far (use --infer_backend transformers)")
             prompt_messages, label = split_prompt_completion(messages)
             # The row is named by its entries as written (a path as given, wherever it resolves), decoded pictures
             # and bytes by their data (their text would name an address in memory).
