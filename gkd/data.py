@@ -320,18 +320,23 @@ def split_prompt_completion(messages: list[dict]) -> tuple[list[dict], str | Non
 def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=None,
                   truncation_strategy="delete", need_completions=True, reason_completions_needed="",
                   dataset_num_proc=1, load_from_cache_file=False, enable_thinking=None, loss_scale="last_round",
-                  teacher_tag_key=None, processor=None, text_only_reason="the model reads text alone"):
+                  teacher_tag_key=None, processor=None, teacher_processor=None,
+                  text_only_reason="the model reads text alone"):
     """Read, normalise and tokenize every --dataset spec into examples: {"prompt_ids", "completion_ids",
     "prompt_label_spans", "teacher_prompt_ids", "dataset", "teacher_tag", "images"}.
 
     images: the row's image references (gkd.images), None for a text row. processor: the vision-language
     models' processor, which expands each image into its tokens; without one a row with images is refused,
-    text_only_reason saying why (which model reads no images).
+    text_only_reason saying why (which model reads no images). teacher_processor: the teacher's, where it
+    encodes pictures unlike the student's (another number of image tokens): every image row then also gets
+    the teacher's own prompt, written by it, so that each model reads the pictures its own way before the
+    same completion tokens.
 
     completion_ids is None for a prompt-only row. prompt_label_spans lists the (start, end) positions of
     prompt_ids to supervise besides the completion: the earlier assistant turns under loss_scale 'default'
     (ms-swift: every assistant turn), none under 'last_round' (ms-swift's GKD default: the last turn only).
-    teacher_prompt_ids: the teacher's own prompt for a row with a teacher_prompt (OPSD), else None.
+    teacher_prompt_ids: the teacher's own prompt for a row with a teacher_prompt (OPSD) or, with a
+    teacher_processor, for an image row; else None.
     dataset is the spec's source (ms-swift's `dataset` column); split_train_val splits each one apart.
     teacher_tag: what routes the row to one of several served teachers, --teacher_tag_key's value (`dataset`:
     the spec's source, as ms-swift's injected column; another name: the row's column, as a string), or None.
@@ -369,11 +374,13 @@ def load_examples(specs, tokenizer, stop_ids, *, seed, system=None, max_length=N
                                    "last_round")
             if teacher_view is not None and images:  # the teacher sees the pictures too, wherever its prompt is
                 teacher_view = place_image_tags(teacher_view, len(images), f"{where} (teacher_prompt)")
+            if teacher_view is None and images and teacher_processor is not None:
+                teacher_view = prompt_messages  # the same turns, the pictures as the teacher's processor encodes them
             records.append((where, prompt_messages, completion, teacher_view, images or None))
             tag = spec.source if teacher_tag_key == "dataset" else row.get(teacher_tag_key) if teacher_tag_key else None
             tags.append(None if tag is None else str(tag))
         tokenized = tokenize_records(
-            records, tokenizer, processor=processor, stop_ids=stop_ids, max_length=max_length,
+            records, tokenizer, processor=processor, teacher_processor=teacher_processor, stop_ids=stop_ids, max_length=max_length,
             truncation_strategy=truncation_strategy,
             enable_thinking=enable_thinking, loss_scale=loss_scale, system=system, num_proc=dataset_num_proc,
             load_from_cache_file=load_from_cache_file, desc=f"tokenizing {spec.source}",

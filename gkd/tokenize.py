@@ -161,8 +161,9 @@ def shift_spans(spans, cut: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- whole datasets
 
 
-def _tokenize_record(record: dict, tokenizer, processor, settings: dict) -> dict:
-    """One row in a `Dataset.map` worker. A GKDUserError travels back as the row's `error` (the caller raises
+def _tokenize_record(record: dict, tokenizer, processor, teacher_processor, settings: dict) -> dict:
+    """One row in a `Dataset.map` worker (teacher_processor: what writes the teacher's prompt, when not the
+    student's processor). A GKDUserError travels back as the row's `error` (the caller raises
     the first one, in row order), so it reaches the user as one line whatever process met it."""
     where, messages, completion = record["where"], json.loads(record["messages"]), record["completion"]
     images = json.loads(record["images"]) if record["images"] is not None else None
@@ -181,10 +182,12 @@ def _tokenize_record(record: dict, tokenizer, processor, settings: dict) -> dict
         if images and kept is not None and len(kept[0]) < len(prompt_ids):
             kept = None  # cutting a prompt with images could cut a picture's tokens: the row is dropped
         teacher_prompt_ids = None
-        if record["teacher_messages"] is not None:  # OPSD: the teacher's prompt, bounded as a prompt alone
-            teacher_prompt_ids, _ = tokenize_messages(tokenizer, json.loads(record["teacher_messages"]), None,
+        if record["teacher_messages"] is not None:  # the teacher's own prompt, bounded as a prompt alone
+            teacher_processor = teacher_processor or processor
+            teacher_tokenizer = getattr(teacher_processor, "tokenizer", tokenizer)
+            teacher_prompt_ids, _ = tokenize_messages(teacher_tokenizer, json.loads(record["teacher_messages"]), None,
                                                       settings["stop_ids"], enable_thinking=enable_thinking,
-                                                      images=images, processor=processor)
+                                                      images=images, processor=teacher_processor)
             teacher_kept = truncate(teacher_prompt_ids, None, max_length, strategy, f"{where} (teacher_prompt)")
             if images and teacher_kept is not None and len(teacher_kept[0]) < len(teacher_prompt_ids):
                 teacher_kept = None
@@ -236,11 +239,11 @@ def cache_folder() -> Path:
 def tokenize_records(records, tokenizer, *, stop_ids, max_length=None, truncation_strategy="delete",
                      enable_thinking=None, loss_scale="last_round", system=None, num_proc: int = 1,
                      load_from_cache_file: bool = False, desc: str = "tokenizing",
-                     processor=None) -> list[dict | None]:
+                     processor=None, teacher_processor=None) -> list[dict | None]:
     """Tokenize (where, prompt_messages, completion, teacher_messages or None, image references or None)
-    records (the processor: for those with images) through
-    `datasets.Dataset.map`; one result per record, in order: {"prompt_ids", "completion_ids",
-    "prompt_label_spans", "teacher_prompt_ids"}, or None for a dropped row. A teacher prompt (OPSD) obeys
+    records (the processor: for those with images; teacher_processor, if given, for the teacher's messages)
+    through `datasets.Dataset.map`; one result per record, in order: {"prompt_ids", "completion_ids",
+    "prompt_label_spans", "teacher_prompt_ids"}, or None for a dropped row. A teacher prompt obeys
     max_length as a prompt alone does; a row whose teacher prompt is dropped is dropped whole.
 
     num_proc > 1 runs the map in that many worker processes. With load_from_cache_file the result is
@@ -256,8 +259,9 @@ def tokenize_records(records, tokenizer, *, stop_ids, max_length=None, truncatio
                 None if teacher is None else json.dumps(teacher, ensure_ascii=False),
                 None if images is None else json.dumps(images))
                for where, messages, completion, teacher, images in records]
-    encoding = json.dumps(encoding_of(processor), sort_keys=True, default=str) if processor is not None else None
-    key = cache_key(records, tokenizer, {**settings, "image_encoding": encoding}, system)
+    encodings = [json.dumps(encoding_of(each), sort_keys=True, default=str) if each is not None else None
+                 for each in (processor, teacher_processor)]
+    key = cache_key(records, tokenizer, {**settings, "image_encodings": encodings}, system)
     cache_file_name = None
     if load_from_cache_file:
         cache_folder().mkdir(parents=True, exist_ok=True)
@@ -273,7 +277,8 @@ def tokenize_records(records, tokenizer, *, stop_ids, max_length=None, truncatio
                                   "teacher_prompt_ids": token_list, "prompt_label_spans": datasets.List(token_list),
                                   "dropped": datasets.Value("bool"), "error": datasets.Value("string")})
     mapped = table.map(
-        _tokenize_record, fn_kwargs={"tokenizer": tokenizer, "processor": processor, "settings": settings},
+        _tokenize_record, fn_kwargs={"tokenizer": tokenizer, "processor": processor, "teacher_processor": teacher_processor,
+                   "settings": settings},
         remove_columns=table.column_names, features=features, num_proc=num_proc if num_proc > 1 else None,
         cache_file_name=cache_file_name, load_from_cache_file=load_from_cache_file, new_fingerprint=key, desc=desc,
     ).to_dict()

@@ -78,9 +78,12 @@ class GKDTrainer(Trainer):
 
     def __init__(self, model, teacher_model, args, gkd_args, *, stop_token_ids, compared_vocab_size,
                  student_engine: SamplingEngine | None = None, teacher_engine: SamplingEngine | None = None,
-                 padding_free: bool = False, packing: bool = False, log_completions: bool = False, **kwargs):
+                 padding_free: bool = False, packing: bool = False, log_completions: bool = False,
+                 teacher_processor=None, **kwargs):
         """packing: train_dataset holds gkd.packing.pack_examples' bins (a dataloader item is a bin) and
-        implies padding_free: each micro-batch's rows run as one sequence, without padding."""
+        implies padding_free: each micro-batch's rows run as one sequence, without padding. teacher_processor:
+        the teacher's own, where it encodes pictures unlike the student's (the examples then hold the
+        teacher's prompts, gkd.data.load_examples): the teacher reads its pixel inputs and generates with it."""
         # The collator hands over token lists; Trainer must not strip them as unknown model inputs.
         args.remove_unused_columns = False
         args.dataloader_pin_memory = False  # batches are token lists until the step builds tensors
@@ -98,6 +101,7 @@ class GKDTrainer(Trainer):
         # processing_class: the tokenizer, or a vision-language model's processor (its tokenizer inside)
         self.tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         self.processor = self.processing_class if hasattr(self.processing_class, "image_processor") else None
+        self.teacher_processor = teacher_processor or self.processor
         self.completion_log = CompletionLog(self.args.output_dir, self.tokenizer, self.accelerator) \
             if log_completions else None
         if self.completion_log is not None:
@@ -141,7 +145,7 @@ class GKDTrainer(Trainer):
             model, self.pad_token_id, autocast=self.accelerator.autocast, sharding=self.shardings["student"],
             processor=self.processor)
         self.teacher_engine = teacher_engine or self.teacher.sampling_engine(
-            self.pad_token_id, self.accelerator.unwrap_model, self.processor)
+            self.pad_token_id, self.accelerator.unwrap_model, self.teacher_processor)
         self._weights_synced_at_step = None
         self._reset_metrics()
         self._metrics_since_step = None  # set at the first step: a resumed run starts at its checkpoint's step
@@ -156,7 +160,8 @@ class GKDTrainer(Trainer):
             top_p=self.gkd.top_p,
             stop_token_ids=self.stop_token_ids,
             vocab_size=self.vocab_size,
-            suppressed_token_ids=image_token_ids(self.processor),
+            suppressed_token_ids=tuple(sorted({*image_token_ids(self.processor),
+                                               *image_token_ids(self.teacher_processor)})),
         )
 
     def _global_sample_indices(self, micro_batch_index: int, rank: int, rows: int) -> list[int]:
@@ -249,7 +254,8 @@ class GKDTrainer(Trainer):
         what the teacher reads: every row's teacher prompt (or its prompt) before the same completion.
         teacher_tags: per row, what routes it to one of several served teachers (kept as a list). images: per
         row, its image references; pixel_inputs then holds what both models' image tokens read (packed: the
-        rows' pictures in order, as one row's, as their image tokens follow each other in the sequence)."""
+        rows' pictures in order, as one row's, as their image tokens follow each other in the sequence), and
+        teacher_pixel_inputs what the teacher's view reads (its rows padded, its pictures by its processor)."""
         tensors = build_batch(prompts, completions, self.pad_token_id, vocab_size, prompt_label_spans)
         tensors = pack_batch(tensors) if self.padding_free else tensors
         images = images if images and any(images) else None
@@ -261,8 +267,8 @@ class GKDTrainer(Trainer):
             view = build_batch([own if teacher is None else teacher for own, teacher in zip(prompts, teacher_prompts)],
                                completions, self.pad_token_id, vocab_size)
             tensors.update({f"teacher_{name}": tensor for name, tensor in view.items()})
-            if images and self.padding_free:  # the teacher's view is padded: its pictures row by row
-                tensors["teacher_pixel_inputs"] = pixel_inputs(self.processor, images)
+            if images and (self.padding_free or self.teacher_processor is not self.processor):
+                tensors["teacher_pixel_inputs"] = pixel_inputs(self.teacher_processor, images)
         return tensors
 
     def _batch_tensors(self, batch: dict, sources: list[str]) -> dict:

@@ -81,8 +81,8 @@ def make_examples(tokenizer, completions=COMPLETIONS):
 
 
 def make_trainer(tmp_path, tokenizer, student, teacher, examples=None, *, batch_size=4, bf16=False,
-                 gradient_checkpointing=False, **flags):
-    """tokenizer: or a vision-language model's processor."""
+                 gradient_checkpointing=False, teacher_processor=None, **flags):
+    """tokenizer: or a vision-language model's processor (teacher_processor: the teacher's own, if another)."""
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=batch_size, max_steps=1, optim="sgd",
         learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to="none",
@@ -94,6 +94,7 @@ def make_trainer(tmp_path, tokenizer, student, teacher, examples=None, *, batch_
         model=student, teacher_model=teacher, args=args, gkd_args=gkd_args,
         stop_token_ids=(getattr(tokenizer, "tokenizer", tokenizer).eos_token_id,), compared_vocab_size=VOCAB,
         train_dataset=examples or make_examples(tokenizer), processing_class=tokenizer,
+        teacher_processor=teacher_processor,
     )
 
 

@@ -206,6 +206,56 @@ def test_padding_free_rows_with_pictures_give_the_padded_loss_and_gradient(tmp_p
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def tiled_teacher(tiny_vl, tmp_path):
+    """The tiny teacher, its processor cutting each picture (upscaled to 64 pixels) into 2 x 2 tiles plus the
+    whole: 20 image tokens and their tile markers where the student's processor writes 4."""
+    folder = tmp_path / "tiled-teacher"
+    shutil.copytree(tiny_vl / "teacher", folder)
+    settings = json.loads((folder / "processor_config.json").read_text())
+    settings["image_processor"].update(do_image_splitting=True, size={"longest_edge": 64})
+    (folder / "processor_config.json").write_text(json.dumps(settings))
+    return folder
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_a_teacher_with_its_own_processor_is_compared_at_the_completion_tokens(tmp_path, tiny_vl, processor,
+                                                                             padding_free):
+    """Each model reads the pictures through its own processor: the loss is the generalized JSD of the student's
+    logits on its prompt and the teacher's on the prompt its own processor writes, at the same completion
+    tokens (reference: each row run alone, the teacher's inputs straight from its processor)."""
+    folder = tiled_teacher(tiny_vl, tmp_path)
+    teacher_processor = AutoProcessor.from_pretrained(folder)
+    loaded = examples(tmp_path, processor, rows(tiny_vl), teacher_processor=teacher_processor)
+    student, teacher = load(tiny_vl, "student"), AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    trainer = make_trainer(tmp_path, processor, student, teacher, loaded, teacher_processor=teacher_processor)
+    assert trainer.teacher_engine.processor is teacher_processor  # seq_kd samples read the teacher's tiles too
+    trainer.padding_free = padding_free
+    batch = trainer._tensors([e["prompt_ids"] for e in loaded], [e["completion_ids"] for e in loaded],
+                             teacher_prompts=[e["teacher_prompt_ids"] for e in loaded],
+                             images=[e["images"] for e in loaded])
+    batch["from_student"] = torch.zeros(len(loaded), dtype=torch.bool)
+    jsd, _ = trainer._loss_sums(trainer.model, batch, sft=False)
+    want = torch.zeros(())
+    for row, example in zip(rows(tiny_vl), loaded):
+        pictures = [[open_image(reference) for reference in example["images"]]]
+        completion = example["completion_ids"]
+        prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "please describe the image."}]}]
+        assert row["messages"][0]["content"] == "<image>please describe the image."
+        own = teacher_processor(text=[teacher_processor.apply_chat_template(prompt, add_generation_prompt=True,
+                                                                            tokenize=False)],
+                                images=pictures, return_tensors="pt", add_special_tokens=False)
+        assert own["input_ids"].shape[1] > len(example["prompt_ids"]) + 60  # 16 more image tokens, tile markers
+        student_inputs = processor.image_processor(pictures, return_tensors="pt")
+        with torch.no_grad():
+            student_logits = student(input_ids=torch.tensor([example["prompt_ids"] + completion]),
+                                     **student_inputs).logits[0, -len(completion) - 1 : -1]
+            own_ids = torch.cat([own["input_ids"], torch.tensor([completion])], dim=1)
+            teacher_logits = teacher(input_ids=own_ids, pixel_values=own["pixel_values"],
+                                     pixel_attention_mask=own["pixel_attention_mask"]).logits[0, -len(completion) - 1 : -1]
+        want += generalized_jsd_loss(student_logits, teacher_logits, beta=0.5, reduction="sum")
+    torch.testing.assert_close(jsd.detach(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_generation_reads_the_picture(tmp_path, tiny_vl, processor):
     """The student's engine, greedy: what generate writes with the row's pixel inputs, and (for some row)
     something else with another picture."""
@@ -297,22 +347,28 @@ def test_lora_adapters_go_where_ms_swift_puts_them(tmp_path, tiny_vl):
     AutoProcessor.from_pretrained(tmp_path / "run")
 
 
+def test_a_teacher_with_its_own_processor_writes_its_samples_from_its_own_tiles(tmp_path, tiny_vl):
+    """seq_kd with the tiled teacher, padding-free: its samples are generated from its own prompts and pixel
+    inputs (the student's would not fit its 20 image tokens a picture) and distilled."""
+    result = gkd_train(*flags(tiny_vl, tmp_path / "run", "--teacher_model", tiled_teacher(tiny_vl, tmp_path),
+                              "--lmbda", 0, "--seq_kd", "true", "--padding_free", "true", "--add_version", "false"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "encodes pictures unlike the student" in result.stderr
+    logs = [line for line in map(json.loads, (tmp_path / "run" / "logging.jsonl").read_text().splitlines())
+            if "samples_teacher" in line]
+    assert all(line["samples_teacher"] > 0 and line["jsd_loss"] > 0 for line in logs) and logs
+
+
 def test_what_gkd_cannot_feed_images_to_is_refused_in_one_line(tmp_path, tiny_vl, tiny):
     """(--use_vllm true with images is refused the same way; here vLLM lives in its own environment, which
     refuses the flag first.)"""
     image_rows = str(tiny_vl / "data" / "train.jsonl")
     text_models = ["--model", str(tiny / "student"), "--teacher_model", str(tiny / "teacher")]
-    other_encoding = tmp_path / "teacher-16-image-tokens"  # the teacher, its processor giving 16 tokens a picture
-    shutil.copytree(tiny_vl / "teacher", other_encoding)
-    settings = json.loads((other_encoding / "processor_config.json").read_text())
-    (other_encoding / "processor_config.json").write_text(json.dumps({**settings, "image_seq_len": 16}))
     cases = {
         "text student": ([*text_models, "--dataset", image_rows],
                          f"{image_rows}:1: the row has images, and --model {tiny / 'student'} reads text alone"),
         "text teacher": (["--teacher_model", str(tiny / "teacher")],
                          f"--teacher_model {tiny / 'teacher'}: it reads text alone, and the rows have images"),
-        "other encoding": (["--teacher_model", str(other_encoding)],
-                           f"--teacher_model {other_encoding}: its processor encodes pictures unlike the student's"),
     }
     base = [str(value) for value in flags(tiny_vl, tmp_path / "run")]
     assert_refused_in_one_line("gkd.cli.train", "gkd-train", {

@@ -120,19 +120,14 @@ def _say_what_is_ignored(config: GKDConfig) -> None:
 PACKED_IMAGE_PROCESSORS = ("Idefics3Processor", "LlavaProcessor")
 
 
-def check_image_run(config: GKDConfig, processor, teacher_dir: str | None) -> None:
-    """Rows with images: what reads them must be a vision-language model encoding pictures as the student's
-    processor does (the teacher reads the student's image tokens, as in ms-swift), and what gkd cannot yet
-    feed images to is refused in one line (never a run whose images some part silently ignores)."""
+def check_image_run(config: GKDConfig, processor, teacher_dir: str | None, teacher_processor) -> None:
+    """Rows with images: what reads them must be a vision-language model (teacher_processor: the teacher's
+    processor, None for a teacher reading text alone), and what gkd cannot yet feed images to is refused in
+    one line (never a run whose images some part silently ignores)."""
     model_args, data_args, gkd_args = config.model, config.data, config.gkd
-    teacher_processor = teacher_dir and load_processor(teacher_dir, model_args.trust_remote_code, "--teacher_model")
     if teacher_dir and teacher_processor is None:
         raise GKDUserError(f"--teacher_model {model_args.teacher_model}: it reads text alone, and the rows have "
                            "images; the teacher must see the pictures it describes")
-    if teacher_processor is not None and encoding_of(teacher_processor) != encoding_of(processor):
-        raise GKDUserError(f"--teacher_model {model_args.teacher_model}: its processor encodes pictures unlike the "
-                           f"student's ({model_args.model}); gkd gives both models the student's image tokens, so "
-                           "both must use the same processor")
     unsupported = [
         (gkd_args.teacher_model_server, "--teacher_model_server: a served teacher is sent token ids alone, so the "
                                         "rows' images cannot reach it"),
@@ -174,6 +169,15 @@ def train(config: GKDConfig) -> None:
         teacher = ServedTeacher(servers, gkd_args.gkd_logits_topk, gkd_args.loss_temperature,
                                 gkd_args.gkd_logits_topk_tail, tokenizer, gkd_args.teacher_tag_key)
     processor = load_processor(student_dir, model_args.trust_remote_code)  # None: the student reads text alone
+    teacher_processor = load_processor(teacher_dir, model_args.trust_remote_code, "--teacher_model") \
+        if processor is not None and teacher_dir else None
+    # A teacher encoding pictures unlike the student (another image size, tiling or number of image tokens)
+    # reads them through its own processor: the examples then carry its own prompts.
+    own_teacher_processor = teacher_processor if teacher_processor is not None and \
+        encoding_of(teacher_processor) != encoding_of(processor) else None
+    if own_teacher_processor is not None:
+        logger.info("--teacher_model %s encodes pictures unlike the student: each reads them through its own "
+                    "processor", model_args.teacher_model)
     need_completions = gkd_args.lmbda < 1 and not gkd_args.seq_kd
     data_seed = training.data_seed if training.data_seed is not None else 42  # ms-swift's data_seed default
     data_settings = dict(seed=data_seed, system=data_args.system, max_length=data_args.max_length,
@@ -181,7 +185,8 @@ def train(config: GKDConfig) -> None:
                          load_from_cache_file=data_args.load_from_cache_file, enable_thinking=data_args.enable_thinking,
                          loss_scale=data_args.loss_scale,
                          teacher_tag_key=gkd_args.teacher_tag_key if len(servers) > 1 else None,
-                         processor=processor, text_only_reason=f"--model {model_args.model} reads text alone")
+                         processor=processor, teacher_processor=own_teacher_processor,
+                         text_only_reason=f"--model {model_args.model} reads text alone")
     with training.main_process_first(local=True, desc="tokenizing"):  # one process fills the cache
         train_examples = load_examples(
             data_args.dataset, tokenizer, stop_ids, need_completions=need_completions,
@@ -200,7 +205,7 @@ def train(config: GKDConfig) -> None:
         teacher.check_rows(example["teacher_tag"] for example in train_examples + (eval_examples or []))
     images = any(example["images"] for example in train_examples + (eval_examples or []))
     if images:
-        check_image_run(config, processor, teacher_dir)
+        check_image_run(config, processor, teacher_dir, teacher_processor)
     logger.info("%d training rows, %d evaluation rows", len(train_examples), len(eval_examples or []))
     if data_args.packing:  # ms-swift's --packing: a training sample is a bin of rows
         train_examples = pack_examples(train_examples, data_args.packing_length or data_args.max_length)
@@ -241,6 +246,7 @@ def train(config: GKDConfig) -> None:
             processing_class=processor if images else tokenizer,  # what checkpoints save beside the weights
             student_engine=make_student_engine(config, student_dir, student, tokenizer, dtype),
             padding_free=data_args.padding_free, packing=data_args.packing, log_completions=gkd_args.log_completions,
+            teacher_processor=own_teacher_processor,
             callbacks=[RunFolderCallback(training.output_dir, run_arguments(config),
                                          draw_images="tensorboard" in training.report_to)],
         )

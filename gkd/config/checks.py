@@ -29,7 +29,7 @@ def check_vllm_engine_arguments(args: VLLMEngineArguments) -> list[str | None]:
 
 def missing_capabilities(config: GKDConfig) -> list[str | None]:
     """ms-swift flags that parse but ask for what gkd-train cannot do yet."""
-    model, data, gkd = config.model, config.data, config.gkd
+    data, gkd = config.data, config.gkd
     return [
         None if not gkd.external_plugins else
         f"--external_plugins {' '.join(gkd.external_plugins)}: ms-swift plugins register ms-swift classes and do "
