@@ -142,6 +142,26 @@ def image_token_ids(processor) -> tuple[int, ...]:
     return tuple(processor.tokenizer.convert_tokens_to_ids(str(token)) for token in tokens if token is not None)
 
 
+def placeholder_prompt(processor, prompt_ids: list[int], references: list[str]) -> list[int]:
+    """The prompt with each picture's image tokens, as the processor expanded them, back to the one placeholder
+    token the template wrote (Idefics3's and LLaVA's <image>, Qwen2-VL's <|image_pad|>): what vLLM takes, as
+    it expands every placeholder itself. A picture's expansion is found by expanding a lone placeholder for it
+    (the same tokens wherever it stands); ValueError where the prompt does not hold it."""
+    placeholder = str(processor.image_token)
+    placeholder_id = processor.tokenizer.convert_tokens_to_ids(placeholder)
+    collapsed, start = [], 0
+    for reference in references:
+        expansion = list(processor(text=[placeholder], images=[[open_image(reference)]],
+                                   add_special_tokens=False)["input_ids"][0])
+        at = next((index for index in range(start, len(prompt_ids) - len(expansion) + 1)
+                   if prompt_ids[index : index + len(expansion)] == expansion), None)
+        if at is None:
+            raise ValueError(f"the prompt does not hold the image tokens of {reference[:200]}")
+        collapsed += prompt_ids[start:at] + [placeholder_id]
+        start = at + len(expansion)
+    return collapsed + prompt_ids[start:]
+
+
 def pixel_inputs(processor, images_per_row: list[list[str]]) -> dict:
     """The model's image inputs for a batch (pixel_values and what the family adds with them), from each
     row's references; rows without images get none."""

@@ -360,8 +360,6 @@ def test_a_teacher_with_its_own_processor_writes_its_samples_from_its_own_tiles(
 
 
 def test_what_gkd_cannot_feed_images_to_is_refused_in_one_line(tmp_path, tiny_vl, tiny):
-    """(--use_vllm true with images is refused the same way; here vLLM lives in its own environment, which
-    refuses the flag first.)"""
     image_rows = str(tiny_vl / "data" / "train.jsonl")
     text_models = ["--model", str(tiny / "student"), "--teacher_model", str(tiny / "teacher")]
     cases = {

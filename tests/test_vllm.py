@@ -49,19 +49,21 @@ class GreedyCheck(SamplingEngine):
     """Wraps the engine under test. At each generation it also samples greedily, with that engine and with
     transformers generate on the student as it is at that moment, and keeps both."""
 
-    def __init__(self, engine: SamplingEngine, student, pad_token_id: int, sharding=None):
+    def __init__(self, engine: SamplingEngine, student, pad_token_id: int, sharding=None, processor=None):
         self.engine = engine
-        self.reference = TransformersEngine(student, pad_token_id, sharding=sharding)
+        self.reference = TransformersEngine(student, pad_token_id, sharding=sharding, processor=processor)
         self.collective = engine.collective
         self.pairs = []
 
     def sync_weights(self, model, sharding=None):
         self.engine.sync_weights(model, sharding)
 
-    def generate(self, prompts, settings, seeds=None):
+    def generate(self, prompts, settings, seeds=None, images=None):
         greedy = dataclasses.replace(settings, temperature=0.0)
-        self.pairs.append((self.engine.generate(prompts, greedy), self.reference.generate(prompts, greedy)))
-        return self.engine.generate(prompts, settings, seeds)
+        pictures = {"images": images} if images else {}
+        self.pairs.append((self.engine.generate(prompts, greedy, **pictures),
+                           self.reference.generate(prompts, greedy, **pictures)))
+        return self.engine.generate(prompts, settings, seeds, **pictures)
 
 
 @pytest.fixture(scope="module")

@@ -184,8 +184,8 @@ class RecordingEngine:
     def __init__(self):
         self.calls, self.loaded = [], {}
 
-    def generate(self, prompts, settings, seeds):
-        self.calls.append((prompts, settings, seeds))
+    def generate(self, prompts, settings, seeds, images=None):
+        self.calls.append((prompts, settings, seeds, images))
         return [[7] for _ in prompts]
 
     def check_loadable(self, names):
@@ -236,7 +236,10 @@ def test_server_with_the_token_gets_prompts_seeds_settings_and_weights(tiny, stu
     engine = client(tiny, student, port, None)  # the token from the environment, as gkd-train does
     settings = SamplingSettings(max_new_tokens=4, temperature=0.7, stop_token_ids=(3,), vocab_size=259)
     assert engine.generate([[1, 2], [3]], settings, [11, 12]) == [[7], [7]]
-    assert rollout.engine.calls == [([[1, 2], [3]], settings, [11, 12])]
+    pictures = [["/data/a.png", "https://example.org/b.png"], []]  # references, opened by the server's engine
+    assert engine.generate([[1, 2], [3]], settings, [11, 12], images=pictures) == [[7], [7]]
+    assert rollout.engine.calls == [([[1, 2], [3]], settings, [11, 12], None),
+                                    ([[1, 2], [3]], settings, [11, 12], pictures)]
     engine.sync_weights(student)
     expected = dict(checkpoint_weights(student))
     assert list(rollout.engine.loaded) == list(expected)

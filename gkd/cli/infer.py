@@ -64,9 +64,6 @@ def list_samples(args: InferArguments, processor=None) -> list[Sample]:
         for where, row in read_rows(DatasetSpec.parse(spec), args.seed):
             messages, images = row_with_images(row, where, args.system, processor,
                                                f"--model {args.model} reads text alone")
-            if images and args.infer_backend == "vllm":
-                raise GKDUserError(f"{where}: the row has images; --infer_backend vllm samples text rows only in gkd "
-                                   "so far (use --infer_backend transformers)")
             prompt_messages, label = split_prompt_completion(messages)
             # The row is named by its entries as written (a path as given, wherever it resolves), decoded pictures
             # and bytes by their data (their text would name an address in memory).
@@ -105,7 +102,8 @@ def make_engine(args: InferArguments, engine_args: VLLMEngineArguments, tokenize
         from gkd.sampling.vllm_engine import VLLMEngine
 
         engine = VLLMEngine.from_arguments(args.model, engine_args, dtype=args.torch_dtype, seed=args.seed,
-                                           trust_remote_code=args.trust_remote_code, flag="--infer_backend vllm")
+                                           trust_remote_code=args.trust_remote_code, flag="--infer_backend vllm",
+                                           processor=processor)
         return engine, stop_token_ids(tokenizer, generation_config(args.model, args.trust_remote_code))
     from gkd.sampling import TransformersEngine
 

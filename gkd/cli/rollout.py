@@ -23,7 +23,7 @@ import torch
 from gkd.config.tools import parse_rollout_config
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
-from gkd.models import load_tokenizer, tokenizer_fingerprint
+from gkd.models import load_processor, load_tokenizer, tokenizer_fingerprint
 from gkd.sampling.base import SamplingSettings
 from gkd.sampling.vllm_engine import VLLMEngine, checkpoint_shapes
 from gkd.sampling.vllm_server import (
@@ -33,17 +33,20 @@ from gkd.sampling.vllm_server import (
 logger = logging.getLogger("gkd")
 
 
-def describe_model(name: str, trust_remote_code: bool) -> dict:
-    """What /health reports, for gkd-train to check it is about to train the model served here."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def describe_model(name: str, trust_remote_code: bool, vision_language: bool = False) -> dict:
+    """What /health reports, for gkd-train to check it is about to train the model served here: its weights
+    as a causal LM, or (vision_language) with its vision tower, as gkd-train loads it for rows with images."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     tokenizer = load_tokenizer(name, trust_remote_code)
+    model_class, kind = (AutoModelForImageTextToText, "a vision-language model") if vision_language else \
+        (AutoModelForCausalLM, "a causal LM")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
         with torch.device("meta"):  # shapes only: nothing is allocated
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            skeleton = model_class.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as error:
-        raise GKDUserError(f"--model {name}: cannot read it as a causal LM ({str(error).splitlines()[0]})") from None
+        raise GKDUserError(f"--model {name}: cannot read it as {kind} ({str(error).splitlines()[0]})") from None
     return {
         "status": "ok",
         "model": name,
@@ -73,7 +76,10 @@ class Rollout:
         prompts, seeds = payload["prompts"], payload["seeds"]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        return {"completions": self.engine.generate(prompts, settings, seeds)}
+        images = payload.get("images")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        return {"completions": self.engine.generate(prompts, settings, seeds, images=images)}
 
     def start_connect(self, payload: dict):
         """Open the store; the caller answers with its port and nonce, then calls finish_connect."""
@@ -182,9 +188,12 @@ def serve(argv=None) -> None:
         print(f"gkd-rollout: {TOKEN_VARIABLE} is not set; run gkd-train with {TOKEN_VARIABLE}={token}",
               file=sys.stderr, flush=True)
     args.model = resolve_model(args.model, use_hf=use_hf_hub(args.use_hf), revision=args.model_revision)
-    health = describe_model(args.model, args.trust_remote_code)
+    # A vision-language model samples prompts with pictures too, its weights named as gkd-train loads it then.
+    processor = load_processor(args.model, args.trust_remote_code)
+    health = describe_model(args.model, args.trust_remote_code, vision_language=processor is not None)
     engine = VLLMEngine.from_arguments(args.model, engine_args, dtype=args.torch_dtype, seed=args.seed,
-                                       trust_remote_code=args.trust_remote_code, flag="gkd-rollout")
+                                       trust_remote_code=args.trust_remote_code, flag="gkd-rollout",
+                                       processor=processor)
     server = HTTPServer((args.host, args.port), Handler)
     server.rollout = Rollout(engine, health, args.host, token)
     print(f"gkd-rollout: serving {args.model} on http://{args.host}:{args.port}", file=sys.stderr, flush=True)

@@ -79,9 +79,10 @@ def self_distillation_teacher(config: GKDConfig, student_dir: str, teacher_dir: 
     return choice
 
 
-def make_student_engine(config: GKDConfig, student_dir: str, student, tokenizer, dtype):
+def make_student_engine(config: GKDConfig, student_dir: str, student, tokenizer, dtype, processor=None):
     """The engine that samples the student's completions: None (transformers generate, the default),
-    vLLM in this process (colocate), or a gkd-rollout server."""
+    vLLM in this process (colocate), or a gkd-rollout server. processor: a vision-language student's, when
+    rows have images (vLLM then takes each prompt's pictures)."""
     vllm = config.vllm
     if not vllm.use_vllm:
         return None
@@ -103,7 +104,7 @@ def make_student_engine(config: GKDConfig, student_dir: str, student, tokenizer,
     dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
     return VLLMEngine.from_arguments(
         student_dir, engine_args, sleep_level=vllm.sleep_level, dtype=dtype_name,
-        seed=config.training.seed, trust_remote_code=config.model.trust_remote_code,
+        seed=config.training.seed, trust_remote_code=config.model.trust_remote_code, processor=processor,
     )
 
 
@@ -131,7 +132,6 @@ def check_image_run(config: GKDConfig, processor, teacher_dir: str | None, teach
     unsupported = [
         (gkd_args.teacher_model_server, "--teacher_model_server: a served teacher is sent token ids alone, so the "
                                         "rows' images cannot reach it"),
-        (config.vllm.use_vllm, "--use_vllm true: rows with images are sampled by transformers generate only, so far"),
         ((data_args.padding_free or data_args.packing) and type(processor).__name__ not in PACKED_IMAGE_PROCESSORS,
          f"--padding_free / --packing: gkd packs rows with images for {', '.join(PACKED_IMAGE_PROCESSORS)} (one "
          f"position per token); {type(processor).__name__} is not among them yet"),
@@ -244,7 +244,8 @@ def train(config: GKDConfig) -> None:
             stop_token_ids=stop_ids, compared_vocab_size=compared_vocab_size,
             train_dataset=train_examples, eval_dataset=eval_examples,
             processing_class=processor if images else tokenizer,  # what checkpoints save beside the weights
-            student_engine=make_student_engine(config, student_dir, student, tokenizer, dtype),
+            student_engine=make_student_engine(config, student_dir, student, tokenizer, dtype,
+                                               processor if images else None),
             padding_free=data_args.padding_free, packing=data_args.packing, log_completions=gkd_args.log_completions,
             teacher_processor=own_teacher_processor,
             callbacks=[RunFolderCallback(training.output_dir, run_arguments(config),

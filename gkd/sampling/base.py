@@ -49,10 +49,12 @@ class SamplingEngine(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], settings: SamplingSettings,
-                 seeds: list[int] | None = None) -> list[list[int]]:
+                 seeds: list[int] | None = None, images: list[list[str]] | None = None) -> list[list[int]]:
         """One completion per prompt, ending at (and including) its first stop token when it has one.
 
         seeds: one per prompt; prompt i's random draws come from seeds[i] alone. None: unseeded.
+        images (vision-language models): per prompt, the references (gkd.images) of the pictures its image
+        tokens stand for, as the model's processor expanded them; None: text prompts.
         """
 
     def sync_weights(self, model, sharding=None) -> None:

@@ -17,6 +17,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from gkd.errors import GKDUserError
+from gkd.images import open_image, placeholder_prompt
 from gkd.sampling.base import SamplingEngine, SamplingSettings
 from gkd.sharding.base import ModelSharding, Replicated
 from gkd.tokenize import cut_at_stop
@@ -162,8 +163,11 @@ class VLLMEngine(SamplingEngine):
 
     def __init__(self, model: str, *, gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
                  max_model_len: int | None = None, enforce_eager: bool = False, sleep_level: int = 0,
-                 dtype: str = "auto", seed: int = 0, trust_remote_code: bool = False, flag: str = "--use_vllm"):
+                 dtype: str = "auto", seed: int = 0, trust_remote_code: bool = False, flag: str = "--use_vllm",
+                 processor=None):
+        """processor: a vision-language model's (gkd.models.load_processor), for prompts with images."""
         vllm = import_vllm(flag)
+        self.processor = processor
         world_size = distributed_world_size()
         if world_size > 1 and tensor_parallel_size > 1:
             raise GKDUserError(
@@ -260,7 +264,8 @@ class VLLMEngine(SamplingEngine):
         if self._repack_tied_head:
             self.llm.apply_model(_repack_embeddings)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
-        self._weights_lost = False
+        self.llm.llm_engine.reset_encoder_cache()  # so were the pictures' embeddings (and a reload leaves the
+        self._weights_lost = False                 # scheduler counting on ones the model runner dropped)
 
     def sync_weights(self, model, sharding: ModelSharding | None = None) -> None:
         if model is not self._last_model:  # a model's weight names do not change: checked at its first sync
@@ -286,14 +291,32 @@ class VLLMEngine(SamplingEngine):
             detokenize=False,
             # Read by KeepVocabulary (gkd/sampling/vllm_vocabulary.py): no id at or past it is sampled.
             extra_args=None if settings.vocab_size is None else {VOCAB_SIZE_ARGUMENT: settings.vocab_size},
+            # An image placeholder: vLLM clamps a bias to -100, which leaves it at most e^-100 (4e-44) of the
+            # likeliest id's probability, below what float32 holds beside it: never drawn.
+            logit_bias={token: -100.0 for token in settings.suppressed_token_ids} or None,
         )
 
+    def _request(self, prompt: list[int], references: list[str] | None) -> dict:
+        """vLLM's input for one prompt: its token ids or, with pictures, the ids with each picture's image tokens
+        back to one placeholder and the pictures themselves (vLLM expands each placeholder again)."""
+        if not references:
+            return {"prompt_token_ids": list(prompt)}
+        try:
+            collapsed = placeholder_prompt(self.processor, list(prompt), references)
+        except ValueError as error:
+            raise GKDUserError(f"vLLM sampling with images: {error} (the prompt was not written by this model's "
+                               "processor)") from None
+        return {"prompt_token_ids": collapsed,
+                "multi_modal_data": {"image": [open_image(reference) for reference in references]}}
+
     def generate(self, prompts: list[list[int]], settings: SamplingSettings,
-                 seeds: list[int] | None = None) -> list[list[int]]:
+                 seeds: list[int] | None = None, images: list[list[str]] | None = None) -> list[list[int]]:
         if not prompts:
             return []
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if images and any(images) and self.processor is None:
+            raise ValueError("prompts with images need the engine built with the model's processor")
         longest = max(len(prompt) for prompt in prompts)
         if longest >= self.max_model_len:
             raise GKDUserError(f"a prompt of {longest} tokens leaves no room to generate within vLLM's "
@@ -305,7 +328,15 @@ class VLLMEngine(SamplingEngine):
         # vLLM draws a seeded request's randomness from a generator of its own: prompt i's completion
         # depends on seeds[i] alone, whichever prompts share the call.
         params = [self._sampling_params(settings, seed) for seed in (seeds or [None] * len(prompts))]
-        requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
+        requests = [self._request(prompt, references)
+                    for prompt, references in zip(prompts, images or [None] * len(prompts))]
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             outputs = self.llm.generate(requests, params, use_tqdm=False)
+        for prompt, output in zip(prompts, outputs):
+            # A completion sampled from another view of the pictures than the one training reads would be
+            # distilled off its own prompt: vLLM's expansion must be the processor's, token for token.
+            if list(output.prompt_token_ids) != list(prompt):
+                raise GKDUserError("vLLM expands a prompt's pictures into other tokens than the model's processor "
+                                   f"does ({len(output.prompt_token_ids)} tokens against {len(prompt)}); sample "
+                                   "this model without vLLM")
         return [cut_at_stop(list(output.outputs[0].token_ids), settings.stop_token_ids) for output in outputs]

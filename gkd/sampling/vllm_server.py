@@ -3,7 +3,9 @@
 The protocol, JSON over HTTP; every request carries `Authorization: Bearer TOKEN`, the token gkd-rollout
 was started with (GKD_ROLLOUT_TOKEN in both environments), and is refused without it:
 - GET  /health           what the server serves: model, architecture, vocabulary, weight names and shapes;
-- POST /generate         {"prompts": [[token ids]], "seeds": [seed or null], "settings": {...}}
+- POST /generate         {"prompts": [[token ids]], "seeds": [seed or null], "settings": {...}, and for
+                         prompts with pictures "images": [[reference]] (gkd.images: paths, URLs, data URLs,
+                         which the server opens: a path must be readable there)}
                          -> {"completions": [[token ids]]};
 - POST /weights/connect  -> {"port": P, "nonce": N}: the server opens a two-member process group (rank 1)
                          whose store listens on P, where the HTTP server listens; the trainer joins it as
@@ -218,28 +220,29 @@ class VLLMServerEngine(SamplingEngine):
     # ------------------------------------------------------------------ sampling
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings,
-                 seeds: list[int] | None = None) -> list[list[int]]:
+                 seeds: list[int] | None = None, images: list[list[str]] | None = None) -> list[list[int]]:
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         seeds = seeds or [None] * len(prompts)
+        images = images or [[] for _ in prompts]
         if self.world_size == 1:
-            return self._generate(prompts, seeds, settings)
+            return self._generate(prompts, seeds, images, settings)
         everyone = [None] * self.world_size
-        torch.distributed.all_gather_object(everyone, (prompts, seeds))
+        torch.distributed.all_gather_object(everyone, (prompts, seeds, images))
         handed_back = [None]
         if self.rank == 0:
-            all_prompts = [prompt for rank_prompts, _ in everyone for prompt in rank_prompts]
-            all_seeds = [seed for _, rank_seeds in everyone for seed in rank_seeds]
-            completions = self._generate(all_prompts, all_seeds, settings)
+            completions = self._generate(*(sum((rank_lists[part] for rank_lists in everyone), [])
+                                           for part in range(3)), settings)
             handed_back = [[]]
-            for rank_prompts, _ in everyone:
+            for rank_prompts, _, _ in everyone:
                 handed_back[0].append(completions[: len(rank_prompts)])
                 completions = completions[len(rank_prompts) :]
         torch.distributed.broadcast_object_list(handed_back, src=0)
         return handed_back[0][self.rank]
 
-    def _generate(self, prompts, seeds, settings: SamplingSettings) -> list[list[int]]:
+    def _generate(self, prompts, seeds, images, settings: SamplingSettings) -> list[list[int]]:
         if not prompts:
             return []
-        payload = {"prompts": prompts, "seeds": seeds, "settings": dataclasses.asdict(settings)}
+        payload = {"prompts": prompts, "seeds": seeds, "settings": dataclasses.asdict(settings),
+                   **({"images": images} if any(images) else {})}
         return self._request("/generate", payload)["completions"]
