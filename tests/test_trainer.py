@@ -15,6 +15,8 @@ from gkd.errors import GKDUserError
 from gkd.losses import generalized_jsd_loss
 from gkd.models import check_vocabularies, output_vocab_size
 from gkd.sampling import SamplingSettings, TransformersEngine
+from gkd.sampling.decode_loop import RowGumbelNoise
+from gkd.tokenize import cut_at_stop
 from gkd.trainer import GKDTrainer, has_experts, sample_source
 
 
@@ -197,6 +199,36 @@ def test_a_sample_depends_on_its_own_seed_alone(tokenizer, models):
     reference = student.generate(torch.tensor([prompts[1]]), max_new_tokens=10, do_sample=False,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     assert engine.generate(prompts, greedy)[1] == reference[0, len(prompts[1]):].tolist()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, None, None), (1.0, None, None), (0.7, 5, 0.9),
+                                                      (1.3, None, 0.8)])
+def test_the_decode_loop_writes_what_transformers_generate_writes(tokenizer, models, temperature, top_k, top_p):
+    """gkd's decode loop against transformers generate with the same processors and per-row noise, token for
+    token: prompts of different lengths (left padding), rows ending at different steps (the loop drops
+    them from its batch), greedy and sampled. (The teacher: its rows end at EOS at different steps.)"""
+    _, model = models
+    engine = TransformersEngine(model, tokenizer.pad_token_id)
+    prompts = [example["prompt_ids"] for example in make_examples(tokenizer, ["a", "bb", "c", "dddd", "e", "ff"])]
+    prompts[1] = prompts[1][:-5]  # another length
+    settings = SamplingSettings(max_new_tokens=24, temperature=temperature, top_k=top_k, top_p=top_p,
+                                stop_token_ids=(tokenizer.eos_token_id,), vocab_size=259)
+    seeds = [31, 32, 33, 34, 35, 36]
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        looped = engine.generate(prompts, settings, seeds)
+    finally:
+        hook.remove()
+    noise = [RowGumbelNoise(seeds, "cpu", settings.vocab_size)] if temperature > 0 else []
+    with torch.no_grad():
+        generated = engine._transformers_generate(prompts, settings, engine._warpers(settings) + noise, None, False,
+                                                  "cpu")
+    assert looped == [cut_at_stop(completion, settings.stop_token_ids) for completion in generated]
+    lengths = sorted(len(completion) for completion in looped)
+    assert lengths[0] < lengths[-1]  # some rows stopped early ...
+    assert batch_sizes[0] == 6 and batch_sizes[-1] < 6 and len(batch_sizes) == lengths[-1]  # ... and left
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8)])

@@ -540,9 +540,25 @@ def test_gkd_infer_vllm_backend_matches_transformers(tmp_path, tiny):
     run([sys.executable, "-m", "gkd.cli.infer", *common, "--result_path", tmp_path / "hf.jsonl"])
     run([sys.executable, "-m", "gkd.cli.infer", *common, "--result_path", tmp_path / "vllm.jsonl",
          "--infer_backend", "vllm", "--vllm_enforce_eager", "true", "--vllm_max_model_len", 256])
-    responses = [[json.loads(line)["response"] for line in (tmp_path / name).read_text().splitlines()]
-                 for name in ("hf.jsonl", "vllm.jsonl")]
-    assert len(responses[0]) == 6 and responses[0] == responses[1]
+    written = [[json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+               for name in ("hf.jsonl", "vllm.jsonl")]
+    assert len(written[0]) == 6 and [row["messages"][:-1] for row in written[0]] == \
+        [row["messages"][:-1] for row in written[1]]
+    # Equal, but where the tiny teacher's two best next tokens are within float noise of each other (the two
+    # backends' kernels round differently): there the backends may part, and only there.
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny / "teacher", dtype=torch.float32)
+    for hf_row, vllm_row in zip(*written):
+        ours, theirs = (tokenizer.encode(row["response"], add_special_tokens=False) for row in (hf_row, vllm_row))
+        if ours == theirs:
+            continue
+        parted = next(index for index, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        prompt = tokenize_messages(tokenizer, hf_row["messages"][:-1], None, (tokenizer.eos_token_id,))[0]
+        with torch.no_grad():
+            logits = teacher(torch.tensor([prompt + ours[:parted]])).logits[0, -1]
+        assert abs(float(logits[ours[parted]] - logits[theirs[parted]])) < 1e-2, (hf_row["response"],
+                                                                                   vllm_row["response"])
+    assert sum(a["response"] == b["response"] for a, b in zip(*written)) >= 4
 
 
 @pytest.mark.parametrize("script", ["vllm_colocate", "vllm_server"])

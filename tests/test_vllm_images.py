@@ -4,7 +4,6 @@ gkd-rollout server and gkd-infer's vllm backend, each against transformers gener
 
 import dataclasses
 import json
-import subprocess
 import sys
 
 import pytest

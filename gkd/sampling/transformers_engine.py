@@ -1,10 +1,12 @@
-"""Sampling with transformers `generate` (KV cache on), straight from the model being trained.
+"""Sampling straight from the model being trained: gkd's decode loop over its forward and KV cache
+(gkd/sampling/decode_loop.py) for text prompts, transformers `generate` for prompts with pictures and for
+sharded models stepping together.
 
-generate() draws one random stream for the whole batch (torch.multinomial), so a row's sample would depend
-on its neighbours. Instead generate runs greedy over scores that already carry each row's own randomness:
-the sampling warpers (temperature, top-k, top-p, as transformers orders them), then Gumbel noise drawn from
-a generator seeded with that row's seed. argmax(scores + Gumbel noise) is an exact sample from
-softmax(scores) (the Gumbel-max trick), and row i's noise depends on seeds[i] alone.
+Both draw a row's sample from that row's randomness alone (generate's own sampling draws one random stream
+for the whole batch, torch.multinomial, so a row's sample would depend on its neighbours): the sampling
+warpers (temperature, top-k, top-p, as transformers orders them), then Gumbel noise drawn from a generator
+seeded with that row's seed, then the argmax. argmax(scores + Gumbel noise) is an exact sample from
+softmax(scores) (the Gumbel-max trick).
 
 A sharded model (gkd/sharding) generates with its whole weights gathered once, or, synced, with its
 weights sharded: then every process makes one generate call that runs until all processes are done
@@ -19,6 +21,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from gkd.images import pixel_inputs
 from gkd.sampling.base import SamplingEngine, SamplingSettings
+from gkd.sampling.decode_loop import RowGumbelNoise, decode, left_padded
 from gkd.sharding.base import ModelSharding, Replicated
 from gkd.tokenize import cut_at_stop
 
@@ -31,28 +34,12 @@ class KeepVocabulary(LogitsProcessor):
         self.vocab_size, self.suppressed_token_ids = vocab_size, list(suppressed_token_ids)
 
     def __call__(self, input_ids, scores):
-        banned = torch.tensor(self.suppressed_token_ids, dtype=torch.long, device=scores.device)
         if self.vocab_size is not None:
-            banned = torch.cat([banned, torch.arange(self.vocab_size, scores.shape[1], device=scores.device)])
-        return scores.index_fill_(1, banned, -torch.inf)
-
-
-class RowGumbelNoise(LogitsProcessor):
-    """Adds Gumbel(0, 1) noise to each row from that row's own generator (or the global one, unseeded)."""
-
-    def __init__(self, seeds: list[int] | None, device):
-        self.generators = None if seeds is None else [
-            torch.Generator(device=device).manual_seed(seed) for seed in seeds
-        ]
-
-    def __call__(self, input_ids, scores):
-        if self.generators is None:
-            uniform = torch.rand(scores.shape, device=scores.device)
-        else:
-            uniform = torch.stack([torch.rand(scores.shape[1], generator=generator, device=scores.device)
-                                   for generator in self.generators])
-        # u -> -log(-log u); u = 0 would give -inf (never chosen), so the floor only avoids log(0) warnings.
-        return scores + uniform.clamp_min_(torch.finfo(uniform.dtype).tiny).log_().neg_().log_().neg_()
+            scores[:, self.vocab_size :] = -torch.inf  # a slice: no index list as long as the padding
+        if self.suppressed_token_ids:
+            banned = torch.tensor(self.suppressed_token_ids, dtype=torch.long, device=scores.device)
+            scores.index_fill_(1, banned, -torch.inf)
+        return scores
 
 
 class TransformersEngine(SamplingEngine):
@@ -89,7 +76,9 @@ class TransformersEngine(SamplingEngine):
             use_cache=True,
         )
 
-    def _processors(self, settings: SamplingSettings, seeds, device) -> LogitsProcessorList:
+    @staticmethod
+    def _warpers(settings: SamplingSettings) -> LogitsProcessorList:
+        """What shapes a step's scores before the choice: the vocabulary, then the sampling warpers."""
         processors = LogitsProcessorList()
         if settings.vocab_size is not None or settings.suppressed_token_ids:
             processors.append(KeepVocabulary(settings.vocab_size, settings.suppressed_token_ids))
@@ -100,29 +89,31 @@ class TransformersEngine(SamplingEngine):
                 processors.append(TopKLogitsWarper(settings.top_k))
             if settings.top_p is not None and settings.top_p < 1.0:
                 processors.append(TopPLogitsWarper(settings.top_p))
-            processors.append(RowGumbelNoise(seeds, device))
         return processors
 
     @torch.no_grad()
     def _generate_batch(self, prompts, seeds, settings: SamplingSettings, images=None,
-                        **generate_options) -> list[list[int]]:
+                        synced_gpus: bool = False) -> list[list[int]]:
         device = next(self.model.parameters()).device
+        noise = RowGumbelNoise(seeds, device, settings.vocab_size) if settings.temperature > 0 else None
+        if images and any(images) or synced_gpus:
+            return self._transformers_generate(prompts, settings, self._warpers(settings) + ([noise] if noise else []),
+                                               images, synced_gpus, device)
+        return decode(self.model, prompts, max_new_tokens=settings.max_new_tokens,
+                      stop_token_ids=settings.stop_token_ids, pad_token_id=self.pad_token_id,
+                      processors=self._warpers(settings), noise=noise)
+
+    def _transformers_generate(self, prompts, settings: SamplingSettings, processors: LogitsProcessorList, images,
+                               synced_gpus: bool, device) -> list[list[int]]:
+        options = {"synced_gpus": synced_gpus}  # explicitly: transformers turns it on by itself for ZeRO-3, FSDP
         if images and any(images):  # the prompts' image tokens read these pictures
-            generate_options.update({name: tensor.to(device)
-                                     for name, tensor in pixel_inputs(self.processor, images).items()})
-        width = max(len(prompt) for prompt in prompts)
-        # Left padding, so that every prompt ends where generation starts.
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[row, width - len(prompt) :] = 1
+            options.update({name: tensor.to(device) for name, tensor in pixel_inputs(self.processor, images).items()})
+        input_ids, attention_mask = left_padded(prompts, self.pad_token_id)
         output = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            generation_config=self._generation_config(settings),
-            logits_processor=self._processors(settings, seeds, device), **generate_options,
+            generation_config=self._generation_config(settings), logits_processor=processors, **options,
         )
-        return output[:, width:].tolist()
+        return output[:, input_ids.shape[1] :].tolist()
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings,
                  seeds: list[int] | None = None, images: list[list[str]] | None = None) -> list[list[int]]:
@@ -144,9 +135,8 @@ class TransformersEngine(SamplingEngine):
                     for start in range(0, len(prompts), batch_size):
                         batch_seeds = None if seeds is None else seeds[start : start + batch_size]
                         batch_images = None if images is None else images[start : start + batch_size]
-                        # explicitly off: transformers turns it on by itself for ZeRO-3 and FSDP models
                         completions += self._generate_batch(prompts[start : start + batch_size], batch_seeds,
-                                                            settings, batch_images, synced_gpus=False)
+                                                            settings, batch_images)
         finally:
             self.model.train(was_training)
         return [cut_at_stop(completion, settings.stop_token_ids) for completion in completions]
