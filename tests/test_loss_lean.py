@@ -326,7 +326,9 @@ def test_fused_matches_exact_of_projections(beta, reduction, bias):
     assert got.shape == want.shape and len(got_g) == (3 if bias else 2)
     _assert_matches(got, want)
     for g, w in zip(got_g, want_g):
-        _assert_matches(g, w)
+        # Gradients summed chunk by chunk against all at once: float32 rounding reached 3.5e-5 of an element
+        # on one machine's kernels, so this comparison allows 1e-4.
+        _assert_matches(g, w, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -72,11 +72,11 @@ def a_process_goes_without(batch_size, accumulation, seq_kd=False) -> bool:
     return False
 
 
-def assert_same_weights(folder, reference_folder):
+def assert_same_weights(folder, reference_folder, atol=1e-6):
     weights, reference = load_file(folder / "model.safetensors"), load_file(reference_folder / "model.safetensors")
     assert sorted(weights) == sorted(reference)
     for name in reference:
-        torch.testing.assert_close(weights[name].float(), reference[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(weights[name].float(), reference[name], rtol=1e-4, atol=atol, msg=name)
 
 
 def assert_reloads_and_generates(folder):
@@ -152,7 +152,9 @@ def test_lora_under_zero3_saves_the_merged_model(tiny, tmp_path, references):
     logs = train(tiny, tmp_path / "lora", *lora, "--deepspeed", "zero3", "--teacher_deepspeed", "zero2",
                  processes=2, batch_size=2)
     assert sources(logs) == reference_sources
-    assert_same_weights(tmp_path / "lora", reference_folder)  # plain names: the adapters merged in
+    # Plain names: the adapters merged in. At learning rate 5 the merged product B @ A carries the processes'
+    # other order of summing gradients up to 6e-6 (weights up to 0.6), where an element near zero fails 1e-6.
+    assert_same_weights(tmp_path / "lora", reference_folder, atol=1e-5)
 
 
 def test_the_lora_students_base_teaches_under_zero3(tiny, tmp_path, references):
