@@ -103,7 +103,10 @@ def run_swift(models: Path, data: Path, output: Path, steps: int) -> dict:
                "--max_completion_length", str(SETTINGS["max_new_tokens"]), "--max_length", str(SETTINGS["max_length"]),
                "--per_device_train_batch_size", str(SETTINGS["batch_size"]), "--gradient_accumulation_steps", "1",
                "--gradient_checkpointing", "false", "--max_steps", str(steps), "--torch_dtype", "float32",
-               "--report_to", "none", "--save_strategy", "no", "--logging_steps", str(steps)]
+               "--report_to", "none", "--save_strategy", "no", "--logging_steps", str(steps),
+               # ms-swift names the tiny Llamas' architecture and ChatML template itself (gkd reads both from
+               # the checkpoint)
+               "--model_type", "llama", "--teacher_model_type", "llama", "--template", "chatml"]
     text, peak = measured(command)
     runtime = next(float(line.split("'train_runtime': ")[1].split(",")[0].strip("'"))
                    for line in text.splitlines() if "'train_runtime': " in line)

@@ -237,6 +237,9 @@ class GKDArguments:
     )
     multi_turn_scheduler: str | None = field(default=None, metadata={"help": "Multi-turn rollouts: not supported yet."})
     max_turns: int | None = field(default=None, metadata={"help": "Multi-turn rollouts: not supported yet."})
+    async_generate: bool = field(default=False, metadata={
+        "help": "ms-swift: sample the next step's completions while this step trains (one step off-policy): not "
+                "supported yet."})
 
     def __post_init__(self):
         if self.loss_temperature is None:
