@@ -2,25 +2,26 @@
 text prompts with.
 
 Why not `generate`: at the batch sizes a training step samples (a few rows, tens of tokens), decoding is
-latency-bound, and generate spends as much per token in its own machinery (input preparation, cache
-positions, stopping criteria, output bookkeeping) as the model's forward: a plain loop took 0.12-0.16 s
-where generate took 0.23-0.26 s for 2 x 32 sampled tokens on a tiny 32000-token student. This loop does only
-what gkd's sampling needs: one forward per token on the last position alone, the rows' scores processed by
-transformers' own logits processors, each row's draw from its own generator, and finished rows dropped
-from the batch (their cache rows too), so that a long completion does not drag the short ones along.
+latency-bound, and generate spends a share of each token in its own machinery (input preparation, cache
+positions, stopping criteria, output bookkeeping), and keeps finished rows in the batch to the end. This
+loop does only what gkd's sampling needs: one forward per token on the last position alone, the rows'
+scores processed by transformers' own logits processors, each row's draw from its own generator, and
+finished rows dropped from the batch (their cache rows too), so that a long completion does not drag the
+short ones along. It takes 0.67-0.98x generate's time per call on a tiny 32000-row student
+(scripts/bench_generation.py); most of what is left is the model itself.
 
 It makes the same choices as generate with the same processors: greedy, the argmax of the processed
-scores; sampling, the Gumbel-max draw whose noise comes from the row's generator, one draw of the whole
-vocabulary per generated token (RowGumbelNoise, which generate runs too; a finished row's later draws are
-never used there). Tested token for token against generate under both.
+scores; sampling, the Gumbel-max draw whose noise comes from the row's generator, one draw over the
+tokenizer's ids per generated token (RowGumbelNoise, which generate runs too; a finished row's later draws
+are never used there). Tested token for token against generate under both.
 
 Left to generate: prompts with pictures (families such as Qwen2-VL compute their own rope positions from
 the pictures) and sharded models stepping with the other processes (synced_gpus).
 """
 
-import torch
 import inspect
 
+import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 
