@@ -15,6 +15,7 @@ from gkd.errors import GKDUserError
 from gkd.losses import generalized_jsd_loss
 from gkd.models import check_vocabularies, output_vocab_size
 from gkd.sampling import SamplingSettings, TransformersEngine
+from gkd.sampling import decode_loop
 from gkd.sampling.decode_loop import RowGumbelNoise
 from gkd.tokenize import cut_at_stop
 from gkd.trainer import GKDTrainer, has_experts, sample_source
@@ -201,12 +202,17 @@ def test_a_sample_depends_on_its_own_seed_alone(tokenizer, models):
     assert engine.generate(prompts, greedy)[1] == reference[0, len(prompts[1]):].tolist()
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, None, None), (1.0, None, None), (0.7, 5, 0.9),
-                                                      (1.3, None, 0.8)])
-def test_the_decode_loop_writes_what_transformers_generate_writes(tokenizer, models, temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature, top_k, top_p, selectable", [
+    (0.0, None, None, True), (1.0, None, None, True), (0.7, 5, 0.9, True), (1.3, None, 0.8, True),
+    (1.0, None, None, False), (0.0, None, None, False)])
+def test_the_decode_loop_writes_what_transformers_generate_writes(tokenizer, models, monkeypatch, temperature,
+                                                                  top_k, top_p, selectable):
     """gkd's decode loop against transformers generate with the same processors and per-row noise, token for
     token: prompts of different lengths (left padding), rows ending at different steps (the loop drops
-    them from its batch), greedy and sampled. (The teacher: its rows end at EOS at different steps.)"""
+    them from its batch, or, with a cache whose rows cannot be selected, keeps them to the end), greedy and
+    sampled. (The teacher: its rows end at EOS at different steps.)"""
+    if not selectable:  # as a hybrid model's linear-attention cache layers
+        monkeypatch.setattr(decode_loop, "ROW_SELECTABLE_LAYERS", ())
     _, model = models
     engine = TransformersEngine(model, tokenizer.pad_token_id)
     prompts = [example["prompt_ids"] for example in make_examples(tokenizer, ["a", "bb", "c", "dddd", "e", "ff"])]
@@ -228,7 +234,8 @@ def test_the_decode_loop_writes_what_transformers_generate_writes(tokenizer, mod
     assert looped == [cut_at_stop(completion, settings.stop_token_ids) for completion in generated]
     lengths = sorted(len(completion) for completion in looped)
     assert lengths[0] < lengths[-1]  # some rows stopped early ...
-    assert batch_sizes[0] == 6 and batch_sizes[-1] < 6 and len(batch_sizes) == lengths[-1]  # ... and left
+    assert batch_sizes[0] == 6 and len(batch_sizes) == lengths[-1]
+    assert (batch_sizes[-1] < 6) == selectable  # ... and left, where the cache lets them
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8)])

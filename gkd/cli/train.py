@@ -80,7 +80,7 @@ def self_distillation_teacher(config: GKDConfig, student_dir: str, teacher_dir: 
 
 
 def make_student_engine(config: GKDConfig, student_dir: str, student, tokenizer, dtype, processor=None):
-    """The engine that samples the student's completions: None (transformers generate, the default),
+    """The engine that samples the student's completions: None (the default engine on the model itself),
     vLLM in this process (colocate), or a gkd-rollout server. processor: a vision-language student's, when
     rows have images (vLLM then takes each prompt's pictures)."""
     vllm = config.vllm

@@ -309,7 +309,7 @@ class VLLMArguments(VLLMEngineArguments):
 
     use_vllm: bool = field(
         default=False,
-        metadata={"help": "Sample the student's completions with vLLM instead of transformers generate "
+        metadata={"help": "Sample the student's completions with vLLM instead of the default engine (the model itself) "
                   "(pip install 'gkd[vllm]')."},
     )
     vllm_mode: Literal["colocate", "server"] = field(

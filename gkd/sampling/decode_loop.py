@@ -23,6 +23,12 @@ import inspect
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+# Cache layers (these exact types) whose whole state is keys and values per row, which finished rows can
+# leave. Others, subclasses included (a hybrid model's linear-attention states, an indexer's, quantized
+# ones), keep every row to the end, as generate does.
+ROW_SELECTABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 class RowGumbelNoise(LogitsProcessor):
@@ -85,21 +91,27 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop_token_i
     history = input_ids  # what the processors see (none of transformers' warpers used here reads it)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    past_key_values=cache, use_cache=True, **last_only).logits[:, -1]
+    selectable = all(type(layer) in ROW_SELECTABLE_LAYERS for layer in cache.layers)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # rows finished but kept in the batch
     for step in range(max_new_tokens):
         scores = processors(history, logits.float())
         tokens = (scores if noise is None else noise(history, scores)).argmax(-1)
-        for row, token in zip(rows.tolist(), tokens.tolist()):
-            completions[row].append(token)
-        going = ~torch.isin(tokens, stop)
+        for row, token, finished in zip(rows.tolist(), tokens.tolist(), done.tolist()):
+            if not finished:
+                completions[row].append(token)
+        going = ~torch.isin(tokens, stop) & ~done
         if step == max_new_tokens - 1 or not going.any():
             break
-        if not going.all():  # finished rows leave the batch, and their cache rows with them
+        if not going.all() and selectable:  # finished rows leave the batch, and their cache rows with them
             kept = going.nonzero().squeeze(-1)
             cache.batch_select_indices(kept)
             rows, tokens, attention_mask, position_ids = rows[kept], tokens[kept], attention_mask[kept], \
                 position_ids[kept]
+            done = done[kept]
             if noise is not None:
                 noise.select(kept.tolist())
+        elif not going.all():
+            done = ~going
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1)
         position_ids = position_ids[:, -1:] + 1
         history = tokens[:, None]

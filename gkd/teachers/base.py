@@ -32,7 +32,7 @@ class Teacher:
         return lambda: teacher_topk(flat_vocab(self.logits(batch), vocab_size), topk, temperature)
 
     def sampling_engine(self, pad_token_id: int, unwrap, processor=None):
-        """What writes its seq_kd completions: transformers generate on its model (unwrap: the accelerator's,
+        """What writes its seq_kd completions: the default engine on its model (unwrap: the accelerator's,
         for a prepared model), sharded as it is, reading the prompts' images through the processor of a
         vision-language model; None for a teacher that writes none."""
         return TransformersEngine(unwrap(self.model), pad_token_id, sharding=self.sharding, processor=processor)
