@@ -142,21 +142,21 @@ def image_token_ids(processor) -> tuple[int, ...]:
     return tuple(processor.tokenizer.convert_tokens_to_ids(str(token)) for token in tokens if token is not None)
 
 
-def placeholder_prompt(processor, prompt_ids: list[int], references: list[str]) -> list[int]:
+def placeholder_prompt(processor, prompt_ids: list[int], pictures: list) -> list[int]:
     """The prompt with each picture's image tokens, as the processor expanded them, back to the one placeholder
     token the template wrote (Idefics3's and LLaVA's <image>, Qwen2-VL's <|image_pad|>): what vLLM takes, as
     it expands every placeholder itself. A picture's expansion is found by expanding a lone placeholder for it
-    (the same tokens wherever it stands); ValueError where the prompt does not hold it."""
+    (the same tokens wherever it stands); pictures: the prompt's, opened (open_image). ValueError where the
+    prompt does not hold one."""
     placeholder = str(processor.image_token)
     placeholder_id = processor.tokenizer.convert_tokens_to_ids(placeholder)
     collapsed, start = [], 0
-    for reference in references:
-        expansion = list(processor(text=[placeholder], images=[[open_image(reference)]],
-                                   add_special_tokens=False)["input_ids"][0])
+    for index, picture in enumerate(pictures):
+        expansion = list(processor(text=[placeholder], images=[[picture]], add_special_tokens=False)["input_ids"][0])
         at = next((index for index in range(start, len(prompt_ids) - len(expansion) + 1)
                    if prompt_ids[index : index + len(expansion)] == expansion), None)
         if at is None:
-            raise ValueError(f"the prompt does not hold the image tokens of {reference[:200]}")
+            raise ValueError(f"the prompt does not hold the image tokens of its picture {index + 1}")
         collapsed += prompt_ids[start:at] + [placeholder_id]
         start = at + len(expansion)
     return collapsed + prompt_ids[start:]

@@ -301,13 +301,13 @@ class VLLMEngine(SamplingEngine):
         back to one placeholder and the pictures themselves (vLLM expands each placeholder again)."""
         if not references:
             return {"prompt_token_ids": list(prompt)}
+        pictures = [open_image(reference) for reference in references]  # opened once, for both uses
         try:
-            collapsed = placeholder_prompt(self.processor, list(prompt), references)
+            collapsed = placeholder_prompt(self.processor, list(prompt), pictures)
         except ValueError as error:
             raise GKDUserError(f"vLLM sampling with images: {error} (the prompt was not written by this model's "
                                "processor)") from None
-        return {"prompt_token_ids": collapsed,
-                "multi_modal_data": {"image": [open_image(reference) for reference in references]}}
+        return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": pictures}}
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings,
                  seeds: list[int] | None = None, images: list[list[str]] | None = None) -> list[list[int]]:

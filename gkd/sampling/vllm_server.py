@@ -227,8 +227,9 @@ class VLLMServerEngine(SamplingEngine):
         images = images or [[] for _ in prompts]
         if self.world_size == 1:
             return self._generate(prompts, seeds, images, settings)
-        everyone = [None] * self.world_size
-        torch.distributed.all_gather_object(everyone, (prompts, seeds, images))
+        # Only the main process sends: the others' prompts (and pictures, possibly base64) go to it alone.
+        everyone = [None] * self.world_size if self.rank == 0 else None
+        torch.distributed.gather_object((prompts, seeds, images), everyone, dst=0)
         handed_back = [None]
         if self.rank == 0:
             completions = self._generate(*(sum((rank_lists[part] for rank_lists in everyone), [])
