@@ -15,6 +15,7 @@ One optimizer step, as in the paper's pseudocode:
 import contextlib
 import random
 import time
+from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -33,6 +34,19 @@ from gkd.sharding import student_sharding, why_sharded
 from gkd.teachers import Teacher, make_teacher
 
 SOURCES = ("student", "teacher", "dataset")
+
+
+@dataclass
+class StepSamples:
+    """One optimizer step's micro-batches on this process, with each row's source and global sample index."""
+    global_step: int
+    batches: list[dict]
+    sources: list[list[str]] = field(default_factory=list)  # per micro-batch, per row
+    indices: list[list[int]] = field(default_factory=list)
+    needed_anywhere: set[str] = field(default_factory=set)  # the sources some process draws in this step
+    # --async_generate: per source whose samples were started during the last step, what collects them
+    # (None: already written)
+    ahead: dict = field(default_factory=dict)
 
 
 def sample_source(seed: int, global_step: int, sample_index: int, lmbda: float, seq_kd: bool) -> str:
@@ -147,6 +161,7 @@ class GKDTrainer(Trainer):
         self.teacher_engine = teacher_engine or self.teacher.sampling_engine(
             self.pad_token_id, self.accelerator.unwrap_model, self.teacher_processor)
         self._weights_synced_at_step = None
+        self._next_step = None  # --async_generate: the next optimizer step, drawn ahead
         self._reset_metrics()
         self._metrics_since_step = None  # set at the first step: a resumed run starts at its checkpoint's step
 
@@ -188,13 +203,12 @@ class GKDTrainer(Trainer):
         return [[list(range(firsts[m * world_size + p], firsts[m * world_size + p] + counts[m * world_size + p]))
                  for p in range(world_size)] for m in range(len(batch_samples))]
 
-    def _complete_step(self, batch_samples: list[dict], global_step: int) -> tuple[list[list[str]], list[list[int]]]:
-        """Give every sample of the optimizer step its completion; returns this process's sources and global
-        sample indices per micro-batch. Each sample's source and, when generated, its completion are functions
-        of (seed, step, global sample index) alone, so splitting the step differently (processes,
-        accumulation) or resuming leaves them unchanged. Each engine is called once for the whole step."""
+    def _draw_step(self, batch_samples: list[dict], global_step: int) -> StepSamples:
+        """Each sample's source and global sample index, for the step's micro-batches on this process. Both
+        are functions of (seed, step, global sample index) alone, so splitting the step differently
+        (processes, accumulation) or resuming leaves them unchanged."""
         rank, world_size = self.accelerator.process_index, self.accelerator.num_processes
-        sources, own_indices, needed_anywhere = [], [], set()
+        step = StepSamples(global_step, batch_samples)
         packed_indices = self._packed_sample_indices(batch_samples) if self.packing else None
         for micro_batch_index, batch in enumerate(batch_samples):
             rows = len(batch["prompt_ids"])
@@ -203,41 +217,79 @@ class GKDTrainer(Trainer):
                     self._global_sample_indices(micro_batch_index, process, rows)
                 process_sources = [sample_source(self.args.seed, global_step, index, self.gkd.lmbda, self.gkd.seq_kd)
                                    for index in indices]
-                needed_anywhere.update(process_sources)
+                step.needed_anywhere.update(process_sources)
                 if process == rank:
-                    sources.append(process_sources)
-                    own_indices.append(indices)
+                    step.sources.append(process_sources)
+                    step.indices.append(indices)
             batch["completion_ids"] = list(batch["completion_ids"])
+        return step
 
+    def _complete_step(self, step: StepSamples, next_step: StepSamples | None = None) -> None:
+        """Give every sample of the optimizer step that its source generates its completion (a function of
+        the source's weights and (seed, step, global sample index) alone). Each engine is called once a step.
+
+        next_step (--async_generate): the next step's micro-batches, drawn now. A background engine (the
+        gkd-rollout server) starts their samples as this step's end, to sample while this step trains; any
+        other engine, when it samples for this step, also writes the next step's rows in the same call (two
+        steps' rows for about the price of one on a latency-bound engine), and then rests a step. Either way
+        the student's samples of the next step come from the weights before this step's update: one optimizer
+        step off-policy (as a self-distilling run's teacher samples; a separate teacher's are exact: it does
+        not train)."""
         started = time.perf_counter()
         settings = self._sampling_settings()
         for source, engine in (("student", self.student_engine), ("teacher", self.teacher_engine)):
             if engine is None:  # a served teacher writes no completions (gkd-train refuses seq_kd with it)
                 continue
-            chosen = [(m, row) for m, batch_sources in enumerate(sources)
-                      for row, name in enumerate(batch_sources) if name == source]
-            # A collective engine, or one whose model is sharded, is called by every process as soon as any one
-            # of them needs it.
-            collective = engine.collective or self.shardings[source].collective
-            if not chosen and not (collective and source in needed_anywhere):
-                continue
-            if source == "student" and self._weights_synced_at_step != global_step:
-                engine.sync_weights(self.accelerator.unwrap_model(self.model), self.shardings["student"])
-                self._weights_synced_at_step = global_step
-            prompts = [self._prompt_of(source, batch_samples[m], row) for m, row in chosen]
-            seeds = [derive_seed(self.args.seed, "sample", global_step, own_indices[m][row]) for m, row in chosen]
-            if source == "teacher":
-                self.teacher.load()  # after the student's engine has released its memory (idle)
-            images = [batch_samples[m]["images"][row] for m, row in chosen] if self.processor else []
-            with self.teacher.running() if source == "teacher" else contextlib.nullcontext():
-                # (images only where rows have them: gkd-train gives the other engines none)
-                generated = engine.generate(prompts, settings, seeds, **({"images": images} if any(images) else {}))
-            engine.idle()  # no more sampling from it before the next optimizer step
-            # generation is bounded by --max_completion_length alone (--max_length bounds the prompt)
-            for (m, row), completion in zip(chosen, generated):
-                batch_samples[m]["completion_ids"][row] = completion
+            if source in step.ahead:  # started (or written) during the last step
+                if (collect := step.ahead.pop(source)) is not None:
+                    collect()
+                now = []
+            else:
+                now = [step]
+            later = [next_step] if next_step is not None else []
+            if not engine.background:  # the next step's rows join a call this step makes
+                if now and later:
+                    now = now + later
+                    next_step.ahead[source] = None  # written by this call
+                later = []
+            called = bool(now) and (collect := self._submit(source, engine, now, settings)) is not None
+            if called:
+                collect()
+            if later:
+                next_step.ahead[source] = self._submit(source, engine, later, settings)
+            if called and not (later and next_step.ahead[source] is not None):
+                engine.idle()  # no more sampling from it before the next optimizer step
         self._metrics["generation_seconds"] += time.perf_counter() - started
-        return sources, own_indices
+
+    def _submit(self, source: str, engine: SamplingEngine, steps: list[StepSamples], settings: SamplingSettings):
+        """Starts the source's samples of `steps` on its engine; returns what writes them into their micro-batches
+        once they are there, or None when no process needs the engine."""
+        chosen = [(step, m, row) for step in steps for m, batch_sources in enumerate(step.sources)
+                  for row, name in enumerate(batch_sources) if name == source]
+        # A collective engine, or one whose model is sharded, is called by every process as soon as any one
+        # of them needs it.
+        collective = engine.collective or self.shardings[source].collective
+        if not chosen and not (collective and any(source in step.needed_anywhere for step in steps)):
+            return None
+        global_step = self.state.global_step
+        if source == "student" and self._weights_synced_at_step != global_step:
+            engine.sync_weights(self.accelerator.unwrap_model(self.model), self.shardings["student"])
+            self._weights_synced_at_step = global_step
+        prompts = [self._prompt_of(source, step.batches[m], row) for step, m, row in chosen]
+        seeds = [derive_seed(self.args.seed, "sample", step.global_step, step.indices[m][row]) for step, m, row in chosen]
+        if source == "teacher":
+            self.teacher.load()  # after the student's engine has released its memory (idle)
+        images = [step.batches[m]["images"][row] for step, m, row in chosen] if self.processor else []
+        with self.teacher.running() if source == "teacher" else contextlib.nullcontext():
+            # (images only where rows have them: gkd-train gives the other engines none)
+            collect = engine.submit(prompts, settings, seeds, **({"images": images} if any(images) else {}))
+
+        def write() -> None:
+            # generation is bounded by --max_completion_length alone (--max_length bounds the prompt)
+            for (step, m, row), completion in zip(chosen, collect()):
+                step.batches[m]["completion_ids"][row] = completion
+
+        return write
 
     @staticmethod
     def _prompt_of(source: str, batch: dict, row: int) -> list[int]:
@@ -285,11 +337,18 @@ class GKDTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch the step's micro-batches, give each sample its completion, and count the step's completion
         tokens over all processes: the loss divisor, recounted after generation replaced completions."""
-        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         global_step = self.state.global_step
         if self._metrics_since_step is None:
             self._metrics_since, self._metrics_since_step = time.perf_counter(), global_step
-        sources, indices = self._complete_step(batch_samples, global_step)
+        step, self._next_step = self._next_step, None
+        if step is None:  # none drawn ahead: no --async_generate, or the epoch's first step
+            step = self._draw_step(super().get_batch_samples(epoch_iterator, num_batches, device)[0], global_step)
+        # --async_generate: the next step's micro-batches, while this epoch has them and training goes on
+        if self.gkd.async_generate and global_step + 1 < self.state.max_steps:
+            next_batches, _ = super().get_batch_samples(epoch_iterator, self.args.gradient_accumulation_steps, device)
+            self._next_step = self._draw_step(next_batches, global_step + 1) if next_batches else None
+        self._complete_step(step, self._next_step)
+        batch_samples, sources, indices = step.batches, step.sources, step.indices
         # For the step's forwards, if no teacher generation brought it (it goes back before the optimizer runs).
         self.teacher.load()
         self._step_samples = [(global_step + 1, batch_indices, batch_sources, batch["prompt_ids"], batch["completion_ids"])

@@ -10,10 +10,12 @@ checkpointing, float32, --steps steps, each tool with its own defaults otherwise
 
 TRL: `pip install trl` (its GKDTrainer lives in trl.experimental.gkd since TRL 1.0). ms-swift: `pip install
 ms-swift`; a row says "not installed" otherwise. gkd's row also gives the share of its step spent
-generating (its own generation_share log).
+generating (its own generation_share log). gkd runs twice: as it is by default, and with --async_generate
+(each sampling call also writes the next step's student samples, one optimizer step off-policy).
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -71,7 +73,7 @@ def measured(command: list[str]) -> tuple[str, float]:
     return output, usage.ru_maxrss / 1024
 
 
-def run_gkd(models: Path, data: Path, output: Path, steps: int) -> dict:
+def run_gkd(models: Path, data: Path, output: Path, steps: int, flags: tuple[str, ...] = ()) -> dict:
     command = [sys.executable, "-m", "gkd.cli.train", "--model", str(models / "student"), "--teacher_model",
                str(models / "teacher"), "--dataset", str(data), "--output_dir", str(output), "--add_version", "false",
                "--lmbda", str(SETTINGS["lmbda"]), "--beta", str(SETTINGS["beta"]), "--temperature",
@@ -79,7 +81,7 @@ def run_gkd(models: Path, data: Path, output: Path, steps: int) -> dict:
                "--max_length", str(SETTINGS["max_length"]), "--per_device_train_batch_size",
                str(SETTINGS["batch_size"]), "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false",
                "--max_steps", str(steps), "--logging_steps", str(steps), "--torch_dtype", "float32", "--report_to",
-               "none", "--save_strategy", "no", "--disable_tqdm", "true"]
+               "none", "--save_strategy", "no", "--disable_tqdm", "true", *flags]
     _, peak = measured(command)
     logs = [json.loads(line) for line in (output / "logging.jsonl").read_text().splitlines()]
     runtime = next(float(line["train_runtime"]) for line in logs if "train_runtime" in line)
@@ -123,7 +125,7 @@ def main() -> None:
     if not (args.tiny_dir / "student").exists():
         subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_models.py"), "--output_dir",
                         str(args.tiny_dir)], check=True)
-    tools = {"gkd": run_gkd}
+    tools = {"gkd": run_gkd, "gkd --async_generate true": functools.partial(run_gkd, flags=("--async_generate", "true"))}
     absent = []
     for name, runner, present in (("TRL GKDTrainer", run_trl, importlib.util.find_spec("trl") is not None),
                                   ("ms-swift `swift rlhf --rlhf_type gkd`", run_swift, shutil.which("swift"))):
@@ -135,8 +137,8 @@ def main() -> None:
         models = grown_models(args.tiny_dir, args.vocab, Path(scratch) / "models")
         results = {name: [] for name in tools}
         for repeat in range(args.repeats):
-            for name, runner in tools.items():
-                output = Path(scratch) / f"{len(results[name])}-{name.split()[0]}"
+            for number, (name, runner) in enumerate(tools.items()):
+                output = Path(scratch) / f"{repeat}-{number}"
                 results[name].append(runner(models, args.tiny_dir / "data" / "train.jsonl", output, args.steps))
 
     print(f"\nvocabulary {args.vocab}, lmbda 0.5, beta 0.5, temperature 0.9, 32 new tokens, max_length 256, batch 4, "

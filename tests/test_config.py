@@ -353,7 +353,6 @@ def test_served_teachers_parse_as_ms_swift_writes_them():
     (["--multi_turn_scheduler", "math_tip_trick", "--max_turns", "2"],
      "--multi_turn_scheduler math_tip_trick: multi-turn rollouts are not supported by gkd-train yet"),
     (["--max_turns", "2"], "--max_turns 2: multi-turn rollouts are not supported by gkd-train yet"),
-    (["--async_generate", "true"], "--async_generate true: sampling the next step while this one trains is not"),
     (["--loss_scale", "all"], "--loss_scale all: gkd supports last_round and default"),
 ])
 def test_capabilities_gkd_lacks_parse_then_stop_in_one_line(tmp_path, flags, expected):

@@ -119,7 +119,8 @@ def test_the_teacher_generates_from_its_own_prompt(tmp_path, tiny, tokenizer):
     asked = []
     trainer.teacher_engine.generate = lambda prompts, settings, seeds: asked.extend(prompts) or [[7]] * len(prompts)
     batch_samples = [collate_examples(loaded)]
-    sources, _ = trainer._complete_step(batch_samples, global_step=0)
-    assert sources == [["teacher"] * 3]  # lmbda 0 with seq_kd
+    step = trainer._draw_step(batch_samples, global_step=0)
+    trainer._complete_step(step)
+    assert step.sources == [["teacher"] * 3]  # lmbda 0 with seq_kd
     assert asked == [loaded[0]["teacher_prompt_ids"], loaded[1]["prompt_ids"], loaded[2]["teacher_prompt_ids"]]
     assert batch_samples[0]["completion_ids"] == [[7]] * 3

@@ -1,6 +1,7 @@
 """GKDTrainer: source selection, loss normalisation over the optimizer step, the teacher, generation."""
 
 import dataclasses
+import json
 import math
 import types
 
@@ -411,3 +412,91 @@ def test_ddp_looks_for_unused_parameters_only_in_a_mixture_of_experts(tmp_path, 
     # A vision-language MoE keeps its expert count under text_config.
     composite = types.SimpleNamespace(config=types.SimpleNamespace(get_text_config=lambda: moe.config))
     assert has_experts(composite) and not has_experts(student)
+
+
+# ----------------------------------------------------------------------------- --async_generate
+
+
+class _WeightsAtStepBegin(TrainerCallback):
+    """A copy of the student's weights as each optimizer step begins (by global step: 0 before the first)."""
+
+    def __init__(self, model):
+        self.model, self.weights = model, {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.weights[state.global_step] = {name: value.clone() for name, value in self.model.state_dict().items()}
+
+
+def train_logging_completions(tmp_path, tokenizer, tiny, examples, **gkd_flags):
+    """lmbda 1 at top-k 1 (greedy samples), 2 epochs of 5 steps of 2 rows, a large learning rate, so that each
+    step's weights sample differently; returns the trainer, the weights per step and completions.jsonl's lines."""
+    student = AutoModelForCausalLM.from_pretrained(tiny / "student", dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny / "teacher", dtype=torch.float32)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, num_train_epochs=2, optim="sgd", learning_rate=2.0,
+        lr_scheduler_type="constant", max_grad_norm=0.0, report_to="none", save_strategy="no", seed=3, disable_tqdm=True,
+    )
+    trainer = GKDTrainer(
+        model=student, teacher_model=teacher, args=args, log_completions=True,
+        gkd_args=GKDArguments(**{"lmbda": 1.0, "top_k": 1, "max_completion_length": 8, **gkd_flags}),
+        stop_token_ids=(tokenizer.eos_token_id,), compared_vocab_size=output_vocab_size(student),
+        train_dataset=examples, processing_class=tokenizer,
+    )
+    snapshots = _WeightsAtStepBegin(student)
+    trainer.add_callback(snapshots)
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    return trainer, snapshots.weights, lines
+
+
+def greedy_completion(model, weights, prompt_ids, tokenizer) -> str:
+    """transformers generate, greedy, from `weights` (an independent reference to gkd's decode loop), never
+    choosing the output layer's padding rows past the tokenizer, as gkd does not."""
+    model.load_state_dict(weights)
+    output = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                            do_sample=False, max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id,
+                            suppress_tokens=list(range(len(tokenizer), output_vocab_size(model))))
+    return tokenizer.decode(cut_at_stop(output[0, len(prompt_ids):].tolist(), (tokenizer.eos_token_id,)))
+
+
+def test_async_generate_samples_the_next_step_from_the_weights_one_update_old(tmp_path, tiny, tokenizer):
+    """--async_generate with the in-process engine: each call samples its step and the next one (within the
+    epoch), so that steps 1, 3, 6, 8 (global step at their start) train on samples of the weights before the
+    previous step's update; the others (each epoch's last step alone) sample on-policy. Every logged sample is
+    checked against transformers generate from the weights it should come from; the batches each step trains
+    on are those of the same run without the flag."""
+    examples = make_examples(tokenizer, [str(index) for index in range(10)])
+    trainer, weights, lines = train_logging_completions(tmp_path / "async", tokenizer, tiny, examples,
+                                                        async_generate=True)
+    _, _, on_policy_lines = train_logging_completions(tmp_path / "sync", tokenizer, tiny, examples)
+    assert [(line["step"], line["index"], line["prompt"]) for line in lines] == \
+        [(line["step"], line["index"], line["prompt"]) for line in on_policy_lines]
+    assert sorted(line["step"] for line in lines) == [step for step in range(1, 11) for _ in range(2)]
+
+    prompt_ids = {tokenizer.decode(example["prompt_ids"]): example["prompt_ids"] for example in examples}
+    sampled_with = {0: 0, 1: 0, 2: 2, 3: 2, 4: 4, 5: 5, 6: 5, 7: 7, 8: 7, 9: 9}  # global step -> weights of step
+    reference = AutoModelForCausalLM.from_pretrained(tiny / "student", dtype=torch.float32)
+    off_policy_differs = []
+    for line in lines:
+        step = line["step"] - 1
+        prompt = prompt_ids[line["prompt"]]
+        assert line["completion"] == greedy_completion(reference, weights[sampled_with[step]], prompt, tokenizer), line
+        if sampled_with[step] != step:
+            off_policy_differs.append(line["completion"] != greedy_completion(reference, weights[step], prompt, tokenizer))
+    # The control: the current weights would have sampled otherwise, so the check above tells the two apart.
+    assert len(off_policy_differs) == 8 and any(off_policy_differs)
+    assert trainer._next_step is None
+
+
+def test_async_generate_draws_the_teachers_samples_ahead_exactly(tmp_path, tiny, tokenizer):
+    """seq_kd's teacher does not train: its samples drawn a step ahead are those it draws in step."""
+    examples = make_examples(tokenizer, [str(index) for index in range(10)])
+    flags = dict(lmbda=0.5, seq_kd=True, top_k=None, temperature=1.0)
+    _, _, ahead = train_logging_completions(tmp_path / "async", tokenizer, tiny, examples, async_generate=True, **flags)
+    _, _, in_step = train_logging_completions(tmp_path / "sync", tokenizer, tiny, examples, **flags)
+    teacher_rows = [(line["step"], line["index"], line["prompt"], line["completion"]) for line in ahead
+                    if line["source"] == "teacher"]
+    assert len(teacher_rows) >= 5  # of 20 rows, about half
+    assert teacher_rows == [(line["step"], line["index"], line["prompt"], line["completion"]) for line in in_step
+                            if line["source"] == "teacher"]

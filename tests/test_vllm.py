@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 import safetensors.torch
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from conftest import REPO, free_port
 from gkd.config import GKDArguments
@@ -123,7 +123,7 @@ def examples(tiny, tokenizer, count=8):
     return result
 
 
-def train_on_policy(tmp_path, tiny, tokenizer, student, engine, steps=3, learning_rate=1.0):
+def train_on_policy(tmp_path, tiny, tokenizer, student, engine, steps=3, learning_rate=1.0, callbacks=(), **gkd_flags):
     """`steps` optimizer steps with every completion from the student, sampled through `engine`."""
     teacher = AutoModelForCausalLM.from_pretrained(tiny / "teacher", dtype=torch.float32)
     args = TrainingArguments(
@@ -133,9 +133,10 @@ def train_on_policy(tmp_path, tiny, tokenizer, student, engine, steps=3, learnin
     )
     trainer = GKDTrainer(
         model=student, teacher_model=teacher, args=args,
-        gkd_args=GKDArguments(lmbda=1.0, temperature=1.0, max_completion_length=16),
+        gkd_args=GKDArguments(lmbda=1.0, temperature=1.0, max_completion_length=16, **gkd_flags),
         stop_token_ids=(tokenizer.eos_token_id,), compared_vocab_size=student.config.vocab_size,
         train_dataset=examples(tiny, tokenizer), processing_class=tokenizer, student_engine=engine,
+        callbacks=list(callbacks),
     )
     trainer.train()
     return trainer
@@ -385,6 +386,54 @@ def test_server_engine_samples_what_the_trained_student_samples(tmp_path, tiny, 
     assert_synced_every_step(check, 3, student, prompts, tokenizer)
 
 
+class SubmitCheck(GreedyCheck):
+    """GreedyCheck of the engine's submit, which also keeps at each call the optimizer step training then
+    (set by the callback) and the seeds asked for."""
+
+    background = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step, self.calls = 0, []
+
+    def submit(self, prompts, settings, seeds=None, images=None):
+        greedy = dataclasses.replace(settings, temperature=0.0)
+        self.pairs.append((self.engine.generate(prompts, greedy), self.reference.generate(prompts, greedy)))
+        self.calls.append((self.step, seeds))
+        return self.engine.submit(prompts, settings, seeds)
+
+
+class StepNumber(TrainerCallback):
+    def __init__(self, check):
+        self.check = check
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.check.step = state.global_step  # the step whose completions are asked for next
+
+
+def test_server_samples_the_next_step_while_this_one_trains(tmp_path, tiny, tokenizer, student, rollout):
+    """--async_generate: the request for step s + 1's samples goes out during step s, before its update, with
+    the weights the student then has (the greedy pairs), and step s + 1 trains on what the server sent back;
+    within an epoch."""
+    from gkd.sampling.vllm_server import VLLMServerEngine
+
+    engine = VLLMServerEngine("127.0.0.1", rollout[0], 30, model=student,
+                              tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    check = SubmitCheck(engine, student, tokenizer.pad_token_id)
+    trainer = train_on_policy(tmp_path, tiny, tokenizer, student, check, steps=3, callbacks=[StepNumber(check)],
+                              async_generate=True)
+    # Two steps an epoch (8 rows of 4): step 0 asks for its own samples, then for step 1's; step 1, the epoch's
+    # last, asks for none; step 2 starts the next epoch and asks for its own.
+    assert [step for step, _ in check.calls] == [0, 0, 2]
+    indices = list(range(4))
+    assert [seeds for _, seeds in check.calls] == [[derive_seed(5, "sample", step, index) for index in indices]
+                                                   for step in range(3)]
+    assert all(engine_output == reference for engine_output, reference in check.pairs)
+    assert trainer._next_step is None
+    prompts = [example["prompt_ids"] for example in examples(tiny, tokenizer)]
+    assert_synced_every_step(check, 3, student, prompts, tokenizer)
+
+
 def test_server_refuses_another_model_or_vocabulary(tiny, tokenizer, student, rollout):
     from gkd.sampling.vllm_server import VLLMServerEngine
 
@@ -525,12 +574,13 @@ def test_engines_sync_a_zero3_student(tmp_path, tiny, request, mode):
         (tmp_path / "pairs" / f"pairs-{rank}.json").read_text()))
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_gkd_train_server(tmp_path, tiny, rollout, processes):
+@pytest.mark.parametrize("processes, async_generate", [(1, "false"), (2, "false"), (2, "true")])
+def test_gkd_train_server(tmp_path, tiny, rollout, processes, async_generate):
     port, _ = rollout
     launcher = [sys.executable, "-m", "gkd.cli.train"] if processes == 1 else TORCHRUN
     logs = run([*launcher, *vllm_train_flags(tiny, tmp_path / "out", "--vllm_mode", "server",
-                                             "--vllm_server_port", port, "--vllm_server_timeout", 60)])
+                                             "--vllm_server_port", port, "--vllm_server_timeout", 60,
+                                             "--async_generate", async_generate)])
     assert [log["samples_student"] for log in logs] == [8 * processes] * 2
 
 

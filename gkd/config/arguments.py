@@ -231,15 +231,17 @@ class GKDArguments:
                   "student's --deepspeed). zero3 / zero3_offload partition it across the processes (offload: in "
                   "CPU memory) as an inference engine without optimizer; other stages keep it whole in each."},
     )
+    async_generate: bool = field(default=False, metadata={
+        "help": "Sample the next optimizer step's student completions ahead, from the weights before this step's "
+                "update (one step off-policy): a gkd-rollout server (--vllm_mode server) samples them while this "
+                "step trains; the other engines sample them in this step's call, beside this step's own. Each "
+                "epoch's first step samples on-policy. ms-swift accepts the flag for GRPO only."})
     # ms-swift flags of capabilities gkd does not have yet: they parse, and gkd.config.checks stops the run.
     external_plugins: list[str] = field(
         default_factory=list, metadata={"help": "ms-swift plugin files: not supported (they register ms-swift classes)."}
     )
     multi_turn_scheduler: str | None = field(default=None, metadata={"help": "Multi-turn rollouts: not supported yet."})
     max_turns: int | None = field(default=None, metadata={"help": "Multi-turn rollouts: not supported yet."})
-    async_generate: bool = field(default=False, metadata={
-        "help": "ms-swift: sample the next step's completions while this step trains (one step off-policy): not "
-                "supported yet."})
 
     def __post_init__(self):
         if self.loss_temperature is None:

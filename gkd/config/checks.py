@@ -38,8 +38,6 @@ def missing_capabilities(config: GKDConfig) -> list[str | None]:
         f"--multi_turn_scheduler {gkd.multi_turn_scheduler}: multi-turn rollouts are not supported by gkd-train yet",
         None if gkd.max_turns is None else
         f"--max_turns {gkd.max_turns}: multi-turn rollouts are not supported by gkd-train yet",
-        None if not gkd.async_generate else
-        "--async_generate true: sampling the next step while this one trains is not supported by gkd-train yet",
         None if not config.tuner.freeze_llm else
         "--freeze_llm true: freezes the whole language model of a text-only student, leaving nothing to distil",
         None if data.loss_scale in LOSS_SCALES else

@@ -11,6 +11,7 @@ own seed.
 
 import abc
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -46,6 +47,9 @@ class SamplingEngine(abc.ABC):
     # True when every process must call generate and sync_weights together, even with no prompts of its
     # own (an engine that gathers all processes' prompts to one server).
     collective = False
+    # True when `submit` returns at once and the engine samples apart from the training processes (a gkd-rollout
+    # server), so that sampling overlaps the training step (--async_generate).
+    background = False
 
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], settings: SamplingSettings,
@@ -56,6 +60,14 @@ class SamplingEngine(abc.ABC):
         images (vision-language models): per prompt, the references (gkd.images) of the pictures its image
         tokens stand for, as the model's processor expanded them; None: text prompts.
         """
+
+    def submit(self, prompts: list[list[int]], settings: SamplingSettings, seeds: list[int] | None = None,
+               images: list[list[str]] | None = None) -> Callable[[], list[list[int]]]:
+        """generate's completions, started now and collected by calling what this returns (with the same
+        processes taking part as in generate). The weights are those of the moment of the call. This engine
+        generates here and now; a background engine returns at once and samples meanwhile."""
+        completions = self.generate(prompts, settings, seeds, **({"images": images} if images else {}))
+        return lambda: completions
 
     def sync_weights(self, model, sharding=None) -> None:
         """Load `model`'s current weights into the engine, so that it samples from the model being trained.

@@ -83,14 +83,16 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop_token_i
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
     stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     # Only the last position's logits: a prompt's others would cost a vocabulary-wide projection each.
-    last_only = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
 
     cache = DynamicCache(config=model.config)
+    # transformers 5.24 renamed the forward's past_key_values to cache (the old name goes in 5.40)
+    with_cache = {"cache" if "cache" in _forward_parameters(model) else "past_key_values": cache, "use_cache": True}
     rows = torch.arange(len(prompts), device=device)  # the prompt each batch row belongs to
     completions = [[] for _ in prompts]
     history = input_ids  # what the processors see (none of transformers' warpers used here reads it)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=cache, use_cache=True, **last_only).logits[:, -1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **with_cache,
+                   **last_only).logits[:, -1]
     selectable = all(type(layer) in ROW_SELECTABLE_LAYERS for layer in cache.layers)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # rows finished but kept in the batch
     for step in range(max_new_tokens):
@@ -116,10 +118,10 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop_token_i
         position_ids = position_ids[:, -1:] + 1
         history = tokens[:, None]
         logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **with_cache).logits[:, -1]
     return completions
 
 
-def _takes_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes it through
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+def _forward_parameters(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft passes them through
+    return inspect.signature(base.forward).parameters

@@ -15,7 +15,9 @@ was started with (GKD_ROLLOUT_TOKEN in both environments), and is refused withou
 Weights never travel through HTTP: only their names (as in the checkpoint) and shapes do.
 
 With several training processes only the main one talks to the server: every process hands its prompts
-(and their seeds) to it, it sends them in one request and hands each process its completions back.
+(and their seeds) to it, it sends them in one request and hands each process its completions back (or
+the server's refusal, which every process then raises). The request waits in a thread, so that with
+--async_generate the server samples the next step while this one trains.
 """
 
 import dataclasses
@@ -28,6 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -115,6 +118,7 @@ def receive_weights(group, buckets, device):
 
 class VLLMServerEngine(SamplingEngine):
     collective = True  # every process must take part: the main one speaks for all
+    background = True  # the server samples in its own processes while the trainer trains
 
     def __init__(self, host: str, port: int, timeout: float, *, model, tokenizer_fingerprint: str,
                  token: str | None = None):
@@ -221,25 +225,51 @@ class VLLMServerEngine(SamplingEngine):
 
     def generate(self, prompts: list[list[int]], settings: SamplingSettings,
                  seeds: list[int] | None = None, images: list[list[str]] | None = None) -> list[list[int]]:
+        return self.submit(prompts, settings, seeds, images)()
+
+    def submit(self, prompts: list[list[int]], settings: SamplingSettings, seeds: list[int] | None = None,
+               images: list[list[str]] | None = None) -> Callable[[], list[list[int]]]:
+        """The request goes out in a thread of the main process, which returns at once: the server samples
+        while the caller trains. The processes' collectives (handing prompts to the main process and
+        completions back) run here and in the returned function, in the caller's thread, never beside the
+        training step's own."""
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         seeds = seeds or [None] * len(prompts)
         images = images or [[] for _ in prompts]
-        if self.world_size == 1:
-            return self._generate(prompts, seeds, images, settings)
         # Only the main process sends: the others' prompts (and pictures, possibly base64) go to it alone.
-        everyone = [None] * self.world_size if self.rank == 0 else None
-        torch.distributed.gather_object((prompts, seeds, images), everyone, dst=0)
-        handed_back = [None]
+        everyone = [(prompts, seeds, images)]
+        if self.world_size > 1:
+            everyone = [None] * self.world_size if self.rank == 0 else None
+            torch.distributed.gather_object((prompts, seeds, images), everyone, dst=0)
+        answer = {}
         if self.rank == 0:
-            completions = self._generate(*(sum((rank_lists[part] for rank_lists in everyone), [])
-                                           for part in range(3)), settings)
-            handed_back = [[]]
-            for rank_prompts, _, _ in everyone:
-                handed_back[0].append(completions[: len(rank_prompts)])
-                completions = completions[len(rank_prompts) :]
-        torch.distributed.broadcast_object_list(handed_back, src=0)
-        return handed_back[0][self.rank]
+            def send():
+                try:
+                    answer["completions"] = self._generate(*(sum((rank_lists[part] for rank_lists in everyone), [])
+                                                             for part in range(3)), settings)
+                except GKDUserError as error:
+                    answer["error"] = str(error)
+
+            request = threading.Thread(target=send, daemon=True)
+            request.start()
+
+        def collect() -> list[list[int]]:
+            handed_back = [None]  # per process its completions, or the main process's error for all to raise
+            if self.rank == 0:
+                request.join()
+                completions = answer.get("completions")
+                handed_back = [answer.get("error")] if completions is None else [[]]
+                for rank_prompts, _, _ in everyone if completions is not None else ():
+                    handed_back[0].append(completions[: len(rank_prompts)])
+                    completions = completions[len(rank_prompts) :]
+            if self.world_size > 1:
+                torch.distributed.broadcast_object_list(handed_back, src=0)
+            if isinstance(handed_back[0], str):
+                raise GKDUserError(handed_back[0])
+            return handed_back[0][self.rank]
+
+        return collect
 
     def _generate(self, prompts, seeds, images, settings: SamplingSettings) -> list[list[int]]:
         if not prompts:
