@@ -14,7 +14,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "examples" / "toy"))
 import evaluate as toy_evaluate  # noqa: E402
-from tasks import TASKS, Addition, Permutation, RunningSum, make_splits, to_row  # noqa: E402
+from tasks import TASKS, Addition, Navigation, Permutation, RunningSum, make_splits, to_row  # noqa: E402
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -23,7 +23,8 @@ def test_splits_are_seeded_distinct_and_disjoint(name):
     train, test = make_splits(task, 3, 500, 100)
     assert (train, test) == make_splits(task, 3, 500, 100)
     assert make_splits(task, 4, 500, 100)[0] != train
-    assert len(set(train)) == 500 and len(set(test)) == 100 and not set(train) & set(test)
+    expected = 500 if task.n_problems is None else min(500, task.n_problems - 100)  # navigation: all the rest
+    assert len(set(train)) == expected and len(set(test)) == 100 and not set(train) & set(test)
     rng = random.Random(0)
     for problem in train[:50]:
         assert task.check(problem, task.reference(problem, rng))
@@ -57,6 +58,21 @@ def test_running_sum_reference_and_recovery_examples():
         position = len(prefix) - 1
         assert prefix[:position] == expected[:position] and prefix[position] != expected[position]
         assert rest == expected[position + 1 :]  # the continuation ignores the mistake
+
+
+def test_navigation_checker_and_recovery_examples():
+    task = Navigation(size=20, slack=4)
+    assert task.n_problems == 21 * 20
+    assert task.reference((3, 8)) == "RRRRR" and task.reference((8, 3)) == "LLLLL"
+    for right in ("RRRRR", "RRLRRRR", "RLRRRRR", "RRRRRRL", "RLRLRRRRR"):  # shortest + up to 4 undone
+        assert task.check((3, 8), right), right
+    for wrong in ("RRRR", "RRRRRR", "RLRLRLRRRRR", "RRRRR ", "rrrrr", ""):
+        assert not task.check((3, 8), wrong), wrong
+    for seed in range(30):
+        for prefix, rest in task.recovery_examples((3, 8), random.Random(seed)):
+            assert prefix[:-1] == "R" * (len(prefix) - 1)  # right moves, then one wrong one
+            assert prefix[-1] == "L" or len(prefix) == 6  # back, or one past the goal
+            assert task.check((3, 8), prefix + rest) and len(prefix + rest) == 7  # undone at once
 
 
 def test_evaluator_counts_right_answers_and_distinct_valid_ones(monkeypatch, tiny):
@@ -97,20 +113,27 @@ def test_teacher_logprob_matches_a_token_by_token_reference(tiny):
     assert got == pytest.approx(total / count, abs=1e-5)
 
 
-def test_pipeline_smoke_run(tmp_path):
-    """The whole pipeline at a few steps: data, models, gkd-train for each cell, scores, report, plot."""
-    command = [sys.executable, str(REPO / "examples" / "toy" / "run.py"), "--quick", "--tasks", "permutation",
+@pytest.mark.parametrize("task", ["permutation", "navigation"])
+def test_pipeline_smoke_run(tmp_path, task):
+    """The whole pipeline at a few steps: data, models, gkd-train for each cell, scores, report, plot (for
+    navigation: its few problems, 26-token answers and its metric's name too)."""
+    command = [sys.executable, str(REPO / "examples" / "toy" / "run.py"), "--quick", "--tasks", task,
                "--steps", "3", "--teacher_steps", "10", "--student_steps", "3", "--n_test", "30",
                "--output_dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    cells = results["tasks"]["permutation"]["cells"]
+    cells = results["tasks"][task]["cells"]
     assert sorted(cells) == ["lmbda 0, beta 0.5", "lmbda 0, beta 1", "lmbda 1, beta 0.5", "lmbda 1, beta 1"]
     for per_seed in cells.values():
         scores = per_seed["1"]
-        assert 0 <= scores["greedy"] <= 1 and 0 <= scores["diversity"] <= 1 and scores["teacher_logprob"] < 0
+        assert 0 <= scores["greedy"] <= 1 and scores["teacher_logprob"] < 0
+        assert (0 <= scores["diversity"] <= 1) if task == "permutation" else "diversity" not in scores
         assert [step for step, _ in scores["curve"]] == [0, 1, 2, 3]
     table = (tmp_path / "results.md").read_text()
     assert "| lmbda 1, beta 1 |" in table and "| teacher |" in table
+    assert f"### {task} ({'validity' if task == 'permutation' else 'goal reached'})" in table
+    if task == "navigation":  # gkd-train let the student write whole answers: 26 tokens, not the default 24
+        args = json.loads((tmp_path / "runs" / task / "seed1" / "lmbda1_beta1" / "args.json").read_text())
+        assert args["max_completion_length"] == 26
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
