@@ -15,6 +15,7 @@ One optimizer step, as in the paper's pseudocode:
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +47,7 @@ class StepSamples:
     needed_anywhere: set[str] = field(default_factory=set)  # the sources some process draws in this step
     # --async_generate: per source whose samples were started during the last step, what collects them
     # (None: already written)
-    ahead: dict = field(default_factory=dict)
+    ahead: dict[str, Callable[[], None] | None] = field(default_factory=dict)
 
 
 def sample_source(seed: int, global_step: int, sample_index: int, lmbda: float, seq_kd: bool) -> str:

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_peers import REPO, SETTINGS, grown_models  # noqa: E402 (the scripts folder is no package)
+from bench_peers import REPO, gkd_command, grown_models  # noqa: E402 (the scripts folder is no package)
 
 TOKEN_VARIABLE = "GKD_ROLLOUT_TOKEN"
 
@@ -59,14 +59,7 @@ def start_rollout(student: Path, port: int) -> subprocess.Popen:
 
 
 def run_gkd(models: Path, data: Path, output: Path, steps: int, lmbda: float, flags: list[str]) -> dict:
-    command = [sys.executable, "-m", "gkd.cli.train", "--model", str(models / "student"), "--teacher_model",
-               str(models / "teacher"), "--dataset", str(data), "--output_dir", str(output), "--add_version", "false",
-               "--lmbda", str(lmbda), "--beta", str(SETTINGS["beta"]), "--temperature", str(SETTINGS["temperature"]),
-               "--max_completion_length", str(SETTINGS["max_new_tokens"]), "--max_length", str(SETTINGS["max_length"]),
-               "--per_device_train_batch_size", str(SETTINGS["batch_size"]), "--gradient_accumulation_steps", "1",
-               "--gradient_checkpointing", "false", "--max_steps", str(steps), "--logging_steps", "1",
-               "--torch_dtype", "float32", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true",
-               *flags]
+    command = gkd_command(models, data, output, steps, lmbda=lmbda, logging_steps=1, flags=tuple(flags))
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
         sys.exit(f"gkd-train {' '.join(flags)} failed:\n{finished.stderr[-3000:]}")

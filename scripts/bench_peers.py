@@ -73,15 +73,21 @@ def measured(command: list[str]) -> tuple[str, float]:
     return output, usage.ru_maxrss / 1024
 
 
+def gkd_command(models: Path, data: Path, output: Path, steps: int, *, lmbda: float = SETTINGS["lmbda"],
+                logging_steps: int | None = None, flags: tuple[str, ...] = ()) -> list[str]:
+    """gkd-train at the comparison's settings (logging once, at the end, unless logging_steps says)."""
+    return [sys.executable, "-m", "gkd.cli.train", "--model", str(models / "student"), "--teacher_model",
+            str(models / "teacher"), "--dataset", str(data), "--output_dir", str(output), "--add_version", "false",
+            "--lmbda", str(lmbda), "--beta", str(SETTINGS["beta"]), "--temperature", str(SETTINGS["temperature"]),
+            "--max_completion_length", str(SETTINGS["max_new_tokens"]), "--max_length", str(SETTINGS["max_length"]),
+            "--per_device_train_batch_size", str(SETTINGS["batch_size"]), "--gradient_accumulation_steps", "1",
+            "--gradient_checkpointing", "false", "--max_steps", str(steps), "--logging_steps",
+            str(logging_steps or steps), "--torch_dtype", "float32", "--report_to", "none", "--save_strategy", "no",
+            "--disable_tqdm", "true", *flags]
+
+
 def run_gkd(models: Path, data: Path, output: Path, steps: int, flags: tuple[str, ...] = ()) -> dict:
-    command = [sys.executable, "-m", "gkd.cli.train", "--model", str(models / "student"), "--teacher_model",
-               str(models / "teacher"), "--dataset", str(data), "--output_dir", str(output), "--add_version", "false",
-               "--lmbda", str(SETTINGS["lmbda"]), "--beta", str(SETTINGS["beta"]), "--temperature",
-               str(SETTINGS["temperature"]), "--max_completion_length", str(SETTINGS["max_new_tokens"]),
-               "--max_length", str(SETTINGS["max_length"]), "--per_device_train_batch_size",
-               str(SETTINGS["batch_size"]), "--gradient_accumulation_steps", "1", "--gradient_checkpointing", "false",
-               "--max_steps", str(steps), "--logging_steps", str(steps), "--torch_dtype", "float32", "--report_to",
-               "none", "--save_strategy", "no", "--disable_tqdm", "true", *flags]
+    command = gkd_command(models, data, output, steps, flags=flags)
     _, peak = measured(command)
     logs = [json.loads(line) for line in (output / "logging.jsonl").read_text().splitlines()]
     runtime = next(float(line["train_runtime"]) for line in logs if "train_runtime" in line)

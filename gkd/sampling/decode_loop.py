@@ -83,11 +83,12 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: int, stop_token_i
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
     stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     # Only the last position's logits: a prompt's others would cost a vocabulary-wide projection each.
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+    forward_parameters = _forward_parameters(model)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters else {}
 
     cache = DynamicCache(config=model.config)
     # transformers 5.24 renamed the forward's past_key_values to cache (the old name goes in 5.40)
-    with_cache = {"cache" if "cache" in _forward_parameters(model) else "past_key_values": cache, "use_cache": True}
+    with_cache = {"cache" if "cache" in forward_parameters else "past_key_values": cache, "use_cache": True}
     rows = torch.arange(len(prompts), device=device)  # the prompt each batch row belongs to
     completions = [[] for _ in prompts]
     history = input_ids  # what the processors see (none of transformers' warpers used here reads it)

@@ -248,8 +248,8 @@ class VLLMServerEngine(SamplingEngine):
                 try:
                     answer["completions"] = self._generate(*(sum((rank_lists[part] for rank_lists in everyone), [])
                                                              for part in range(3)), settings)
-                except GKDUserError as error:
-                    answer["error"] = str(error)
+                except Exception as error:  # raised where the caller collects, not lost in the thread
+                    answer["error"] = error
 
             request = threading.Thread(target=send, daemon=True)
             request.start()
@@ -258,15 +258,19 @@ class VLLMServerEngine(SamplingEngine):
             handed_back = [None]  # per process its completions, or the main process's error for all to raise
             if self.rank == 0:
                 request.join()
-                completions = answer.get("completions")
-                handed_back = [answer.get("error")] if completions is None else [[]]
-                for rank_prompts, _, _ in everyone if completions is not None else ():
-                    handed_back[0].append(completions[: len(rank_prompts)])
-                    completions = completions[len(rank_prompts) :]
+                if "error" in answer:
+                    handed_back = [str(answer["error"])]
+                else:
+                    completions, handed_back = answer["completions"], [[]]
+                    for rank_prompts, _, _ in everyone:
+                        handed_back[0].append(completions[: len(rank_prompts)])
+                        completions = completions[len(rank_prompts) :]
             if self.world_size > 1:
                 torch.distributed.broadcast_object_list(handed_back, src=0)
+            if self.rank == 0 and "error" in answer:
+                raise answer["error"]
             if isinstance(handed_back[0], str):
-                raise GKDUserError(handed_back[0])
+                raise GKDUserError(f"the main process's request to gkd-rollout failed: {handed_back[0]}")
             return handed_back[0][self.rank]
 
         return collect
