@@ -6,6 +6,7 @@ and gkd-infer do the same, so those habits carry over. A process that torchrun (
 already has LOCAL_RANK set and runs as it is.
 """
 
+import atexit
 import os
 import shlex
 import sys
@@ -65,3 +66,19 @@ def run_under_torchrun_if_asked(module: str, argv: list[str] | None, program: st
     except KeyboardInterrupt:  # torchrun got the same Ctrl-C and stops its processes
         sys.exit(130)
     sys.exit(0)
+
+
+def leave_finished_processes(state) -> None:
+    """Ends each process of a multi-process run whose work is all written: the processes wait for each other,
+    then leave without the interpreter's teardown. Native libraries' teardown at interpreter exit (gloo's
+    process group, DeepSpeed's shared-memory ops) can abort a process ("terminate called without an active
+    exception", exit -6) after everything was saved, and torchrun then reports the finished run as failed;
+    tearing the process group down first made that rarer, not impossible. Python's exit handlers (logging,
+    wandb, TensorBoard) still run. `state`: accelerate's PartialState, or anything with its two members."""
+    if state.num_processes <= 1:
+        return
+    state.wait_for_everyone()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -51,3 +51,29 @@ def test_a_failing_run_under_nproc_per_node_ends_in_its_own_line_not_a_launcher_
     errors = {line for line in result.stderr.splitlines() if line.startswith("gkd-train: error:")}
     assert len(errors) == 1 and "prompts.jsonl:1: the row has no assistant completion" in errors.pop()
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+LEAVING = """
+import atexit, sys
+from types import SimpleNamespace
+from gkd.launch import leave_finished_processes
+
+atexit.register(lambda: print(" exit handlers ran", flush=True))
+state = SimpleNamespace(num_processes={processes}, wait_for_everyone=lambda: print(" waited", end=""))
+print("saved", end="")  # buffered: leaving must flush it
+leave_finished_processes(state)
+print(" returned", end="")
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_finished_process_of_several_leaves_after_the_others_with_its_exit_handlers(processes):
+    """One process returns and exits as usual; each of several waits for the others, runs Python's exit
+    handlers, flushes what it printed and ends with 0 without the interpreter's teardown."""
+    result = subprocess.run([sys.executable, "-c", LEAVING.format(processes=processes)], capture_output=True,
+                            text=True)
+    if processes == 1:
+        assert (result.returncode, result.stdout) == (3, "saved returned exit handlers ran\n")
+    else:
+        assert (result.returncode, result.stdout) == (0, "saved waited exit handlers ran\n")

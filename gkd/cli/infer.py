@@ -20,7 +20,7 @@ from gkd.images import IMAGE_COLUMNS, image_entries, image_token_ids
 from gkd.tokenize import check_chat_template, tokenize_messages
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
-from gkd.launch import run_under_torchrun_if_asked
+from gkd.launch import leave_finished_processes, run_under_torchrun_if_asked
 from gkd.models import (DTYPES, generation_config, load_model, load_processor, load_tokenizer, pad_token_id,
                         stop_token_ids)
 from gkd.result_file import KEY_FIELD, ResultFile, check_result_path
@@ -199,13 +199,12 @@ def infer(args: InferArguments, engine_args: VLLMEngineArguments) -> None:
         progress.close()
         if result_file is not None:
             result_file.close()
-    if state.num_processes > 1:
-        state.destroy_process_group()  # left to interpreter exit, gloo's teardown can abort the process
     seconds = time.perf_counter() - started
     if state.is_main_process:
         print(f"gkd-infer: {written} rows ({generated_tokens} generated tokens) in {seconds:.1f} s: "
               f"{written / max(seconds, 1e-9):.2f} rows/s, {generated_tokens / max(seconds, 1e-9):.1f} tokens/s; "
               f"{already} rows were already in {args.result_path}")
+    leave_finished_processes(state)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from gkd.data import load_examples, split_train_val
 from gkd.errors import GKDUserError
 from gkd.hub import resolve_model, use_hf_hub
 from gkd.images import encoding_of
-from gkd.launch import run_under_torchrun_if_asked
+from gkd.launch import leave_finished_processes, run_under_torchrun_if_asked
 from gkd.models import (
     DTYPES, apply_lora, check_vocabularies, checkpoint_dtype, disable_dropout, freeze_parts, frozen_parts,
     generation_config, load_model, load_processor, load_tokenizer, stop_token_ids, tokenizer_fingerprint,
@@ -272,11 +272,7 @@ def train(config: GKDConfig) -> None:
         trainer.save_model(training.output_dir)
     if trainer.is_world_process_zero():
         logger.info("saved the distilled student to %s", training.output_dir)
-    if trainer.accelerator.num_processes > 1:
-        trainer.accelerator.wait_for_everyone()
-        # Left to interpreter exit, gloo's teardown can abort a process ("terminate called without an active
-        # exception") after everything was saved, and torchrun then reports the run as failed.
-        trainer.accelerator.state.destroy_process_group()
+    leave_finished_processes(trainer.accelerator.state)
 
 
 def main(argv: list[str] | None = None) -> None:
