@@ -14,7 +14,9 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "examples" / "toy"))
 import evaluate as toy_evaluate  # noqa: E402
-from tasks import TASKS, Addition, Navigation, Permutation, RunningSum, make_splits, to_row  # noqa: E402
+import run  # noqa: E402
+from tasks import (TASKS, Addition, Navigation, Permutation, PermutationUndo, RunningSum, Walk,  # noqa: E402
+                   make_splits, to_row)
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -75,6 +77,41 @@ def test_navigation_checker_and_recovery_examples():
             assert task.check((3, 8), prefix + rest) and len(prefix + rest) == 7  # undone at once
 
 
+def test_walk_checker_and_recovery_examples():
+    task = Walk(size=20, slack=4)
+    start = (3, 0)  # the letter d
+    assert task.prompt(start) == "d" and task.max_new_tokens == 47
+    assert task.reference(start, random.Random(0)) in (" c b a", " " + " ".join("efghijklmnopqrstu"))
+    for right in (" c b a", " c d c b a", " e d c b a", " c b c b a", " e f g h i j k l m n o p q r s t u"):
+        assert task.check(start, right), right
+    for wrong in (" c b", " b a", " c b a b", " c b a ", "c b a", " c  b a", " e d e d e d c b a",
+                  " c b c b c b c b a", ""):
+        assert not task.check(start, wrong), wrong
+    assert task.check((19, 0), " u") and not task.check((19, 0), " u t")  # stops at the first end it reaches
+    kinds = set()
+    for seed in range(200):
+        for prefix, rest in task.recovery_examples(start, random.Random(seed)):
+            assert task.check(start, prefix + rest)
+            assert len(prefix + rest) == len(task.walk(3, 0 if rest.endswith("a") else 20)) + 4  # one undone
+            kinds.add(rest[-1])
+    assert kinds == {"a", "u"}  # mistakes on the way to either end
+
+
+def test_permutation_undo_checker_and_recovery_examples():
+    task = PermutationUndo(letters=6, undos=3)
+    problem = "abcdef"
+    for right in ("fedcba", "fee<dcba", "fx<edcba", "fedcba<a", "ab<<bacdef", "abc<<<abcdef"):
+        assert task.check(problem, right), right
+    for wrong in ("fedcb", "fee<dcbaa", "<fedcba", "fedcba<", "ab<<<<abcdef", "a<b<c<d<abcdef"):
+        assert not task.check(problem, wrong), wrong
+    examples = [example for seed in range(100) for example in task.recovery_examples(problem, random.Random(seed))]
+    assert 15 < len(examples) < 45  # recovery_share 0.3
+    for prefix, rest in examples:
+        assert rest.startswith("<") and task.check(problem, prefix + rest)
+        assert len(set(prefix[:-1])) == len(prefix) - 1 and set(prefix[:-1]) <= set(problem)  # right so far
+        assert prefix[-1] in prefix[:-1] or prefix[-1] not in problem  # then a repeated or foreign letter
+
+
 def test_evaluator_counts_right_answers_and_distinct_valid_ones(monkeypatch, tiny):
     task = Permutation(letters=3)
     problems = ["abc", "def"]
@@ -113,27 +150,66 @@ def test_teacher_logprob_matches_a_token_by_token_reference(tiny):
     assert got == pytest.approx(total / count, abs=1e-5)
 
 
-@pytest.mark.parametrize("task", ["permutation", "navigation"])
+@pytest.mark.parametrize("task", ["permutation", "walk"])
 def test_pipeline_smoke_run(tmp_path, task):
-    """The whole pipeline at a few steps: data, models, gkd-train for each cell, scores, report, plot (for
-    navigation: its few problems, 26-token answers and its metric's name too)."""
+    """The whole pipeline at a few steps: data, models, gkd-train for each cell, scores, report, plot. For
+    walk also: the plain chat template, the windowed student, 47-token answers and the DART cells."""
     command = [sys.executable, str(REPO / "examples" / "toy" / "run.py"), "--quick", "--tasks", task,
                "--steps", "3", "--teacher_steps", "10", "--student_steps", "3", "--n_test", "30",
-               "--output_dir", str(tmp_path)]
+               "--output_dir", str(tmp_path), "--dart", "--betas", "0.5", "1", "--seeds", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     cells = results["tasks"][task]["cells"]
-    assert sorted(cells) == ["lmbda 0, beta 0.5", "lmbda 0, beta 1", "lmbda 1, beta 0.5", "lmbda 1, beta 1"]
+    dart = ["lmbda 0, beta 0.5, dart", "lmbda 0, beta 1, dart"] if task == "walk" else []  # permutation: no mistakes
+    assert sorted(cells) == ["lmbda 0, beta 0.5", *dart[:1], "lmbda 0, beta 1", *dart[1:], "lmbda 1, beta 0.5",
+                             "lmbda 1, beta 1"]
     for per_seed in cells.values():
         scores = per_seed["1"]
-        assert 0 <= scores["greedy"] <= 1 and scores["teacher_logprob"] < 0
-        assert (0 <= scores["diversity"] <= 1) if task == "permutation" else "diversity" not in scores
+        assert 0 <= scores["greedy"] <= 1 and scores["teacher_logprob"] < 0 and 0 <= scores["diversity"] <= 1
         assert [step for step, _ in scores["curve"]] == [0, 1, 2, 3]
     table = (tmp_path / "results.md").read_text()
-    assert "| lmbda 1, beta 1 |" in table and "| teacher |" in table
-    assert f"### {task} ({'validity' if task == 'permutation' else 'goal reached'})" in table
-    if task == "navigation":  # gkd-train let the student write whole answers: 26 tokens, not the default 24
-        args = json.loads((tmp_path / "runs" / task / "seed1" / "lmbda1_beta1" / "args.json").read_text())
-        assert args["max_completion_length"] == 26
+    assert "| lmbda 1, beta 1 |" in table and "| teacher |" in table and f"### {task} (validity)" in table
+    assert "- sampled: on-policy errors" in table
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if task == "walk":
+        args = json.loads((tmp_path / "runs" / task / "seed1" / "lmbda1_beta1" / "args.json").read_text())
+        assert args["max_completion_length"] == 47  # whole answers, not the default 24
+        assert args["dataset"][0].endswith("train.jsonl") and args["learning_rate"] == 1e-3  # the plan's for lmbda 1
+        supervised = json.loads((tmp_path / "runs" / task / "seed1" / "lmbda0_beta1" / "args.json").read_text())
+        assert supervised["learning_rate"] == 3e-3
+        dart_args = json.loads((tmp_path / "runs" / task / "seed1" / "lmbda0_beta1_dart" / "args.json").read_text())
+        assert dart_args["dataset"][0].endswith("train_noisy.jsonl") and dart_args["lmbda"] == 0
+        folder = tmp_path / "models" / task
+        clean = (folder / "train.jsonl").read_text().splitlines()
+        noisy = (folder / "train_noisy.jsonl").read_text().splitlines()
+        assert noisy[: len(clean)] == clean and 0.1 < (len(noisy) - len(clean)) / len(clean) < 0.2
+        walk = TASKS["walk"]
+        for line in noisy[len(clean):][:50]:  # each mistake row is a right answer that undoes one wrong move
+            user, answer = (message["content"] for message in json.loads(line)["messages"])
+            assert walk.check((ord(user) - ord("a"), 0), answer)
+        # The student sees its last 3 tokens (2 layers, window 2): after " b ", not where it came from.
+        student = AutoModelForCausalLM.from_pretrained(folder / "student-seed1").eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder / "student-seed1")
+        assert student.config.model_type == "mistral" and student.config.sliding_window == 2
+        with torch.no_grad():
+            last = [student(input_ids=torch.tensor([tokenizer.encode(text)])).logits[0, -1] for text in
+                    ("d c b ", "a b c b ", "x b ")]
+        torch.testing.assert_close(last[0], last[1])
+        torch.testing.assert_close(last[0], last[2])
+        assert tokenizer.apply_chat_template([{"role": "user", "content": "d"}], add_generation_prompt=True,
+                                             tokenize=False) == "d"
+
+
+def test_error_ratio_takes_each_side_at_its_best_beta():
+    def cell(*scores):
+        return {seed: {"greedy": greedy, "sampled": sampled} for seed, (greedy, sampled) in enumerate(scores)}
+
+    entry = {"cells": {"lmbda 0, beta 0": cell((0.9, 0.5), (0.7, 0.5)), "lmbda 0, beta 1": cell((0.6, 0.8), (0.6, 0.8)),
+                       "lmbda 1, beta 0": cell((0.95, 0.4), (0.95, 0.4)), "lmbda 1, beta 1": cell((0.9, 0.9), (0.9, 0.9)),
+                       "lmbda 0, beta 1, dart": cell((1.0, 1.0), (1.0, 1.0))}}  # a control, not supervised KD
+    assert run.error_ratio(entry, "greedy") == ("greedy: on-policy errors 5.0% (lmbda 1, beta 0) against supervised "
+                                                "KD's 20.0% (lmbda 0, beta 0): ratio 0.25x")
+    assert run.error_ratio(entry, "sampled") == ("sampled: on-policy errors 10.0% (lmbda 1, beta 1) against "
+                                                 "supervised KD's 20.0% (lmbda 0, beta 1): ratio 0.50x")
+    assert run.error_ratio({"cells": {"lmbda 0, beta 1": cell((0.6, 0.8))}}, "greedy") is None

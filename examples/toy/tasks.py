@@ -13,6 +13,15 @@ Each task says why it is in the benchmark:
   trained on paths with a wrong move followed by the oracle's correction, so it is right from any position;
   a student that only counts its moves, rather than tracking where they took it, ends off the goal after
   its own mistakes.
+- permutation_undo: permutation with an undo key (`<`), which the teacher learns to press after a wrong
+  letter: supervised KD never shows the student one, its own samples do, right where it needs one.
+- walk: two right answers per prompt. From a start on the line a..u, walk one letter at a time to either
+  end, the teacher choosing the end at random. The student's attention window is 2 tokens (with its 2
+  layers it sees its last 3: a letter and the spaces around it): where it is, not which way it was going.
+  Supervised KD teaches it, at each letter, how often the teacher's walks through that letter went each
+  way, and near the middle its sampled walks zigzag; trained on its own walks, it leans at each letter the
+  way its own walks arrive (the misspecified student of Foster et al. 2024, where learning from one's own
+  states beats cloning).
 """
 
 import abc
@@ -24,6 +33,8 @@ class Task(abc.ABC):
     metric: str  # "exact": one right answer; "valid": any answer the checker accepts; "success": reaches a goal
     max_new_tokens: int
     n_problems: int | None = None  # how many distinct problems there are, when few
+    chat_template: str | None = None  # the tokenizer's own (ChatML) unless a task needs the prompt elsewhere
+    student_window: int | None = None  # the student's attention window in tokens (None: it sees everything)
 
     @abc.abstractmethod
     def problem(self, rng: random.Random):
@@ -83,6 +94,43 @@ class Permutation(Task):
 
     def check(self, problem, answer):
         return len(answer) == len(problem) and sorted(answer) == sorted(problem)
+
+
+class PermutationUndo(Permutation):
+    """permutation with an undo key: `<` takes back the letter before it, and the answer is right when what
+    remains is a permutation (with at most `undos` undos). The teacher is also trained, for a `recovery_share`
+    of problems, on a wrong letter (one already written, or one not given) followed by `<` and the rest.
+    Supervised KD never shows the student a `<`; its own samples do, where it needs one. Spotting a repeated
+    letter is one look back over the answer; choosing an unused one is the harder part."""
+
+    name = "permutation_undo"
+
+    def __init__(self, letters: int = 6, undos: int = 3, recovery_share: float = 0.3):
+        super().__init__(letters)
+        self.undos, self.recovery_share = undos, recovery_share
+        self.max_new_tokens = letters + 2 * undos + 3
+
+    def check(self, problem, answer):
+        if answer.count("<") > self.undos:
+            return False
+        kept = []
+        for character in answer:
+            if character != "<":
+                kept.append(character)
+            elif not kept:
+                return False  # nothing to take back
+            else:
+                kept.pop()
+        return super().check(problem, "".join(kept))
+
+    def recovery_examples(self, problem, rng):
+        if rng.random() >= self.recovery_share:
+            return []
+        answer = self.reference(problem, rng)
+        done = rng.randrange(1, len(answer))  # right letters before the wrong one
+        unused = [letter for letter in "abcdefghijklmnopqrstuvwxyz" if letter not in problem]
+        wrong = rng.choice(list(answer[:done]) + rng.sample(unused, 3))
+        return [(answer[:done] + wrong, "<" + answer[done:])]
 
 
 class RunningSum(Task):
@@ -155,7 +203,68 @@ class Navigation(Task):
         return examples
 
 
-TASKS = {task.name: task for task in (Addition(), Permutation(), RunningSum(), Navigation())}
+# The conversation as plain text: the prompt is the user's message itself, the answer follows it directly and
+# ends with <|im_end|>. A student with a 2-token window then sees the start when it takes its first step.
+PLAIN_TEMPLATE = ("{% for message in messages %}{{ message['content'] }}"
+                  "{% if message['role'] == 'assistant' %}{{ '<|im_end|>' }}{% endif %}{% endfor %}")
+
+
+class Walk(Task):
+    """The prompt is a start letter between the ends of the line a..u; the answer walks, one ` x` (space,
+    letter) per move, to either end and stops there. Right: each move goes to a neighbouring letter, the walk
+    stops on the first end it reaches, and it takes at most `slack` moves more than the straight way to that
+    end (room for two mistakes undone). A problem is (start, instance): the line has few starts, and the
+    instance only tells the many training rows of one start apart (the held-out rows are new instances)."""
+
+    name, metric = "walk", "valid"
+    chat_template, student_window = PLAIN_TEMPLATE, 2
+
+    def __init__(self, size: int = 20, slack: int = 4, recovery_share: float = 0.15):
+        self.size, self.slack, self.recovery_share = size, slack, recovery_share
+        self.max_new_tokens = 2 * (size - 1 + slack) + 1  # the longest right answer, and <|im_end|>
+
+    def letter(self, position: int) -> str:
+        return chr(ord("a") + position)
+
+    def problem(self, rng):
+        return rng.randint(1, self.size - 1), rng.randrange(10**9)
+
+    def prompt(self, problem):
+        return self.letter(problem[0])
+
+    def walk(self, start: int, end: int) -> str:
+        step = 1 if end > start else -1
+        return "".join(f" {self.letter(position)}" for position in range(start + step, end + step, step))
+
+    def reference(self, problem, rng):
+        return self.walk(problem[0], rng.choice([0, self.size]))
+
+    def check(self, problem, answer):
+        if len(answer) % 2 or answer[::2].strip() or not answer:
+            return False
+        positions = [problem[0]] + [ord(letter) - ord("a") for letter in answer[1::2]]
+        if any(abs(after - before) != 1 for before, after in zip(positions, positions[1:])):
+            return False
+        ends = [index for index, position in enumerate(positions) if position in (0, self.size)]
+        if ends != [len(positions) - 1]:  # an end reached, the first one, and nothing after it
+            return False
+        return len(positions) - 1 <= abs(positions[-1] - problem[0]) + self.slack
+
+    def recovery_examples(self, problem, rng):
+        """For a `recovery_share` of problems: a wrong move after some right ones, then the way to the same
+        end from where it led (never onto an end: that would have finished the walk)."""
+        start = problem[0]
+        end = rng.choice([0, self.size])
+        step = 1 if end > start else -1
+        done = rng.randrange(abs(end - start))  # right moves before the mistake; the walk has not ended yet
+        position = start + step * done - step
+        if rng.random() >= self.recovery_share or position in (0, self.size):
+            return []
+        return [(self.walk(start, start + step * done) + f" {self.letter(position)}", self.walk(position, end))]
+
+
+TASKS = {task.name: task for task in (Addition(), Permutation(), PermutationUndo(), RunningSum(), Navigation(),
+                                      Walk())}
 
 
 def make_splits(task: Task, seed: int, n_train: int, n_test: int):
