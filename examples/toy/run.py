@@ -189,9 +189,9 @@ def distil(folder: Path, output_dir: Path, cell: tuple, seed: int, plan: dict, m
 
 
 def learning_rate(plan: dict, lmbda: float) -> float:
-    """The plan's learning rate: one for every cell, or one per lmbda (keys as numbers, or as JSON's strings)."""
+    """The plan's learning rate: one for every cell, or one per lmbda."""
     rates = plan["learning_rate"]
-    return rates if isinstance(rates, (int, float)) else {float(key): value for key, value in rates.items()}[lmbda]
+    return rates if isinstance(rates, (int, float)) else rates[lmbda]
 
 
 def load(path: Path):
