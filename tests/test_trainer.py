@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainerCallback, TrainingArguments
 
 from gkd.config import GKDArguments
 from gkd.data import IGNORE_INDEX, build_batch
@@ -16,7 +16,7 @@ from gkd.errors import GKDUserError
 from gkd.losses import generalized_jsd_loss
 from gkd.models import check_vocabularies, output_vocab_size
 from gkd.sampling import SamplingSettings, TransformersEngine
-from gkd.sampling import decode_loop
+from gkd.sampling import decode_loop, transformers_engine
 from gkd.sampling.decode_loop import RowGumbelNoise
 from gkd.tokenize import cut_at_stop
 from gkd.trainer import GKDTrainer, has_experts, sample_source
@@ -237,6 +237,33 @@ def test_the_decode_loop_writes_what_transformers_generate_writes(tokenizer, mod
     assert lengths[0] < lengths[-1]  # some rows stopped early ...
     assert batch_sizes[0] == 6 and len(batch_sizes) == lengths[-1]
     assert (batch_sizes[-1] < 6) == selectable  # ... and left, where the cache lets them
+
+
+def test_generate_applies_none_of_the_checkpoints_generation_controls(tokenizer, models, monkeypatch):
+    """The path through transformers generate (pictures, sharded models) writes what the decode loop writes
+    even where the checkpoint's generation_config suppresses, bans, penalises and forces tokens, which
+    generate would otherwise apply (control: without CHECKPOINT_CONTROLS_OFF it writes otherwise)."""
+    _, model = models
+    engine = TransformersEngine(model, tokenizer.pad_token_id)
+    prompts = [example["prompt_ids"] for example in make_examples(tokenizer, ["a", "bb", "c"])]
+    settings = SamplingSettings(max_new_tokens=12, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,),
+                                vocab_size=259)
+    looped = engine.generate(prompts, settings)
+    first = looped[0][0]
+    monkeypatch.setattr(model, "generation_config", GenerationConfig(
+        suppress_tokens=[first], bad_words_ids=[[looped[1][0]]], repetition_penalty=3.0, no_repeat_ngram_size=1,
+        forced_eos_token_id=tokenizer.eos_token_id, min_new_tokens=6, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+
+    def through_generate():
+        with torch.no_grad():
+            generated = engine._transformers_generate(prompts, settings, engine._warpers(settings), None, False, "cpu")
+        return [cut_at_stop(completion, settings.stop_token_ids) for completion in generated]
+
+    assert engine.generate(prompts, settings) == looped  # the decode loop never read them
+    assert through_generate() == looped
+    monkeypatch.setattr(transformers_engine, "CHECKPOINT_CONTROLS_OFF", {})
+    assert through_generate() != looped
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8)])

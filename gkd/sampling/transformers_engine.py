@@ -26,6 +26,19 @@ from gkd.sharding.base import ModelSharding, Replicated
 from gkd.tokenize import cut_at_stop
 
 
+# generate() fills each field a GenerationConfig leaves unset from the checkpoint's generation_config, whose
+# controls (suppress_tokens, bad_words_ids, forced_eos_token_id, repetition_penalty, stop_strings, ...) would
+# then shape or stop this path's samples alone: the decode loop and vLLM (generation_config="vllm") apply
+# none. Keywords to generate() are applied after that filling, so these turn every one of them off.
+CHECKPOINT_CONTROLS_OFF = dict(
+    guidance_scale=None, sequence_bias=None, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, bad_words_ids=None, min_length=0, min_new_tokens=0,
+    forced_bos_token_id=None, forced_eos_token_id=None, remove_invalid_values=False,
+    exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None,
+    watermarking_config=None, renormalize_logits=False, stop_strings=None, max_time=None,
+)
+
+
 class KeepVocabulary(LogitsProcessor):
     """Ids at and past vocab_size (the output layer's padding rows), and the suppressed ids, can never be
     chosen."""
@@ -61,20 +74,10 @@ class TransformersEngine(SamplingEngine):
 
     def _generation_config(self, settings: SamplingSettings) -> GenerationConfig:
         # Always greedy over the processors' scores (see the module docstring): the checkpoint's sampling
-        # defaults (top_k=50, say) are then never applied. generate() fills every field left None from the
-        # model's own generation_config, so each control that also acts under greedy decoding is set, off.
-        return GenerationConfig(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=False,
-            temperature=1.0,
-            top_p=1.0,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            min_new_tokens=0,
-            eos_token_id=list(settings.stop_token_ids) or None,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-        )
+        # defaults (top_k=50, say) are then never applied.
+        return GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0,
+                                eos_token_id=list(settings.stop_token_ids) or None, pad_token_id=self.pad_token_id,
+                                use_cache=True)
 
     @staticmethod
     def _warpers(settings: SamplingSettings) -> LogitsProcessorList:
@@ -111,7 +114,8 @@ class TransformersEngine(SamplingEngine):
         input_ids, attention_mask = left_padded(prompts, self.pad_token_id)
         output = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            generation_config=self._generation_config(settings), logits_processor=processors, **options,
+            generation_config=self._generation_config(settings), logits_processor=processors,
+            **CHECKPOINT_CONTROLS_OFF, **options,
         )
         return output[:, input_ids.shape[1] :].tolist()
 
