@@ -14,7 +14,6 @@ import argparse
 import ast
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
