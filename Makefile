@@ -15,7 +15,7 @@ tiny: install
 demo: install
 	$(PYTHON) examples/toy/run.py --quick
 
-# The full grid (three tasks, lmbda x beta, two seeds): about 40 minutes on two cores.
+# The full grid (three tasks, lmbda x beta, two seeds): under 40 minutes on two cores.
 toy: install
 	$(PYTHON) examples/toy/run.py
 

@@ -199,6 +199,13 @@ def test_pipeline_smoke_run(tmp_path, task):
         torch.testing.assert_close(last[0], last[2])
         assert tokenizer.apply_chat_template([{"role": "user", "content": "d"}], add_generation_prompt=True,
                                              tokenize=False) == "d"
+        # The effect's curves follow sampled validity on the first 100 test prompts, from the starting student on
+        test = make_splits(walk, 0, run.N_TRAIN, 30)[1]
+        start = results["tasks"][task]["cells"]["lmbda 1, beta 1"]["1"]["curve"][0][1]
+        assert start == toy_evaluate.score(student, tokenizer, walk, test[:100], 1.0, 1)
+        assert start != toy_evaluate.score(student, tokenizer, walk, test[:100], 0.0, 1)
+        # every cell read the rows one tokenization wrote, in the output's own datasets cache
+        assert len(list((tmp_path / "datasets-cache" / "gkd").glob("*.arrow"))) == 2  # train.jsonl, train_noisy.jsonl
 
 
 def test_error_ratio_takes_each_side_at_its_best_beta():

@@ -37,6 +37,13 @@ def teacher_logprob(teacher, tokenizer, task, problems, completions) -> float:
     return total / max(count, 1)
 
 
+def score(model, tokenizer, task, problems, temperature: float, seed: int = 0) -> float:
+    """The share of problems answered right at this temperature (0: greedy): the learning curve's one number."""
+    engine = TransformersEngine(model.eval(), tokenizer.pad_token_id, max_batch_size=256)
+    _, texts = answers(engine, tokenizer, task, problems, temperature, seed)
+    return sum(task.check(problem, answer) for problem, answer in zip(problems, texts)) / len(problems)
+
+
 def evaluate(model, teacher, tokenizer, task, problems, seed: int = 0, diversity_prompts: int = 25) -> dict:
     """greedy and sampled (temperature 1): share right; diversity (many-answer tasks): distinct valid
     answers per SAMPLES_PER_PROMPT samples; teacher_logprob: of the sampled completions."""
