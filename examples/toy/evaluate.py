@@ -37,11 +37,14 @@ def teacher_logprob(teacher, tokenizer, task, problems, completions) -> float:
     return total / max(count, 1)
 
 
+def share_right(task, problems, texts) -> float:
+    return sum(task.check(problem, answer) for problem, answer in zip(problems, texts)) / len(problems)
+
+
 def score(model, tokenizer, task, problems, temperature: float, seed: int = 0) -> float:
     """The share of problems answered right at this temperature (0: greedy): the learning curve's one number."""
     engine = TransformersEngine(model.eval(), tokenizer.pad_token_id, max_batch_size=256)
-    _, texts = answers(engine, tokenizer, task, problems, temperature, seed)
-    return sum(task.check(problem, answer) for problem, answer in zip(problems, texts)) / len(problems)
+    return share_right(task, problems, answers(engine, tokenizer, task, problems, temperature, seed)[1])
 
 
 def evaluate(model, teacher, tokenizer, task, problems, seed: int = 0, diversity_prompts: int = 25) -> dict:
@@ -51,8 +54,8 @@ def evaluate(model, teacher, tokenizer, task, problems, seed: int = 0, diversity
     _, greedy = answers(engine, tokenizer, task, problems, 0.0, seed)
     sampled_ids, sampled = answers(engine, tokenizer, task, problems, 1.0, seed)
     result = {
-        "greedy": sum(task.check(problem, answer) for problem, answer in zip(problems, greedy)) / len(problems),
-        "sampled": sum(task.check(problem, answer) for problem, answer in zip(problems, sampled)) / len(problems),
+        "greedy": share_right(task, problems, greedy),
+        "sampled": share_right(task, problems, sampled),
         "teacher_logprob": teacher_logprob(teacher, tokenizer, task, problems, sampled_ids),
     }
     if task.metric == "valid":

@@ -21,6 +21,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -185,7 +186,8 @@ def distil(folder: Path, output_dir: Path, cell: tuple, seed: int, plan: dict, m
                "--max_completion_length", str(max_completion_length), "--save_steps", str(max(steps // 4, 1)),
                "--save_only_model", "true", "--load_from_cache_file", "true",
                "--logging_steps", str(steps), "--report_to", "none", "--disable_tqdm", "true", *DISTIL_FLAGS]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if result.returncode != 0:
         sys.exit(f"gkd-train failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
 
@@ -219,7 +221,7 @@ def run(plan: dict, output_dir: Path) -> dict:
     results = {"plan": plan, "tasks": {}}
     # gkd-train caches the tokenized rows there (--load_from_cache_file): inside the output, not the user's cache
     os.environ["HF_DATASETS_CACHE"] = str(output_dir / "datasets-cache")
-    jobs = []  # (task, seed, cell, the seed's test problems, its starting score on the curve)
+    jobs = []
     torch.set_num_threads(cores)
     for task_name in plan["tasks"]:
         task = TASKS[task_name]
@@ -243,38 +245,47 @@ def run(plan: dict, output_dir: Path) -> dict:
             start_on_curve = on_curve(student, tokenizer, task, test, seed, plan)
             for cell in cells + dart:
                 entry["cells"].setdefault(cell_name(*cell), {})  # the table's row order: the plan's
-                jobs.append((task, seed, cell, test, start_on_curve))
-    jobs.sort(key=lambda job: -job[2][0])  # on-policy cells sample as they train: the longest first
+                jobs.append(Job(task, seed, cell, test, start_on_curve, tokenizer, teacher))
+    jobs.sort(key=lambda job: -job.cell[0])  # on-policy cells (lmbda 1) sample as they train: the longest first
     threads = cores // workers
     torch.set_num_threads(threads)  # this process scores a cell in each worker's thread
     pool = ThreadPoolExecutor(workers)
     try:
-        for job, scores in zip(jobs, pool.map(lambda job: run_cell(*job, plan, output_dir, threads), jobs)):
-            task, seed, cell = job[:3]
-            results["tasks"][task.name]["cells"][cell_name(*cell)][seed] = scores
+        for job, scores in zip(jobs, pool.map(lambda job: run_cell(job, plan, output_dir, threads), jobs)):
+            results["tasks"][job.task.name]["cells"][cell_name(*job.cell)][job.seed] = scores
     finally:  # a failed cell stops the run: the cells not started yet never start
         pool.shutdown(cancel_futures=True)
     return results
 
 
-def run_cell(task, seed: int, cell: tuple, test: list, start_on_curve: float, plan: dict, output_dir: Path,
-             threads: int) -> dict:
-    """One cell on one seed: gkd-train in a process of `threads` threads, then its scores and curve."""
-    name = cell_name(*cell)
+class Job(NamedTuple):
+    """One cell on one seed, with what its scoring shares with the seed's other cells (the teacher is only
+    read, so the workers' threads can share it)."""
+    task: object
+    seed: int
+    cell: tuple  # (lmbda, beta, variant)
+    test: list  # the seed's held-out problems
+    start_on_curve: float  # the starting student's point on the learning curve
+    tokenizer: object
+    teacher: object
+
+
+def run_cell(job: Job, plan: dict, output_dir: Path, threads: int) -> dict:
+    """gkd-train in a process of `threads` threads, then the cell's scores and learning curve."""
+    task, seed, name = job.task, job.seed, cell_name(*job.cell)
     folder = output_dir / "models" / task.name
     run_dir = output_dir / "runs" / task.name / f"seed{seed}" / name.replace(", ", "_").replace(" ", "")
     started = time.perf_counter()
     # 24 new tokens, or a longer task's whole answer (navigation's 26)
-    distil(folder, run_dir, cell, seed, plan, max(24, task.max_new_tokens), threads)
+    distil(folder, run_dir, job.cell, seed, plan, max(24, task.max_new_tokens), threads)
     with LOADING:
-        tokenizer, teacher, model = AutoTokenizer.from_pretrained(folder / "teacher"), load(folder / "teacher"), \
-            load(run_dir)
-    scores = evaluate(model, teacher, tokenizer, task, test, seed)
-    curve = [(0, start_on_curve)]
+        model = load(run_dir)
+    scores = evaluate(model, job.teacher, job.tokenizer, task, job.test, seed)
+    curve = [(0, job.start_on_curve)]
     for checkpoint in sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1])):
         with LOADING:
             model = load(checkpoint)
-        curve.append((int(checkpoint.name.split("-")[1]), on_curve(model, tokenizer, task, test, seed, plan)))
+        curve.append((int(checkpoint.name.split("-")[1]), on_curve(model, job.tokenizer, task, job.test, seed, plan)))
     scores["curve"] = curve
     scores["seconds"] = round(time.perf_counter() - started, 1)
     print(f"  {task.name} seed {seed}, {name}: {json.dumps({k: v for k, v in scores.items() if k != 'curve'})}",
@@ -313,7 +324,7 @@ def error_ratio(entry, mode: str) -> str | None:
     supervised, on_policy = best(0), best(1)
     if supervised is None or on_policy is None:
         return None
-    errors = [100 * (1 - score) for _, score in (supervised, on_policy)]
+    errors = [100 * (1 - value) for _, value in (supervised, on_policy)]
     ratio = f"{errors[1] / errors[0]:.2f}x" if errors[0] > 0 else "-"
     return (f"{mode}: on-policy errors {errors[1]:.1f}% ({on_policy[0]}) against supervised KD's {errors[0]:.1f}% "
             f"({supervised[0]}): ratio {ratio}")
@@ -328,7 +339,8 @@ def report(results: dict, output_dir: Path, seconds: float) -> str:
         extra = " | diversity" if entry["metric"] == "valid" else ""
         metric = {"exact": "exact match", "valid": "validity", "success": "goal reached"}[entry["metric"]]
         lines += ["", f"### {task_name} ({metric})", "",
-                  f"| model | greedy | sampled{extra} | teacher log-prob / token | gain vs supervised KD ({headline}) |",
+                  f"| model | greedy | sampled{extra} | teacher log-prob / token | "
+                  f"gain vs supervised KD ({headline}) |",
                   "|---|---|---|---|---|" + ("---|" if extra else "")]
         rows = [("teacher", entry["teacher"]), ("start (student)", entry["start"])] + list(entry["cells"].items())
         for name, per_seed in rows:
